@@ -136,6 +136,8 @@ def resolve_model_path(spec: ModelSpec) -> str:
     path = Path(name).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"--model {name!r} is a file but not a .gguf file")
+    if not path.exists() and (path.is_absolute() or name.startswith((".", "~"))):
+        raise FileNotFoundError(f"model folder not found: {name}")
     return str(path) if path.is_dir() else name
 
 
@@ -556,12 +558,8 @@ class Worker:
     def _watch_owner(self) -> None:
         while True:
             time.sleep(0.5)
-            try:
-                os.kill(self.owner_pid, 0)
-            except ProcessLookupError:
+            if not _alive(self.owner_pid):
                 self._exit(0)
-            except PermissionError:
-                pass
 
     def _exit(self, code: int) -> None:
         with contextlib.suppress(OSError):
@@ -708,12 +706,21 @@ class LocalBackend:
         self._ids = 0
 
     def connect(self) -> None:
-        if self.sock is None:
+        for attempt in range(3):
+            if self.sock is not None:
+                return
             sock = connect_worker(self.spec, self.socket_path, self.owner_pid)
             sock.settimeout(WORKER_START_TIMEOUT)
-            hello = recv_msg(sock)
+            try:
+                hello = recv_msg(sock)
+            except OSError:  # reached a worker that was just exiting: the next try starts a new one
+                sock.close()
+                time.sleep(0.1 * (attempt + 1))
+                continue
             sock.settimeout(None)
             self.sock, self.worker_pid, self.model_name = sock, hello["pid"], hello["model"]
+        if self.sock is None:
+            raise WorkerDiedError(f"could not reach the model worker at {self.socket_path}")
 
     def close(self) -> None:
         if self.sock is not None:
@@ -724,63 +731,85 @@ class LocalBackend:
     def call(self, payload: bytes, timeout: float, on_output: Callable[[str, str], None]) -> dict:
         self.connect()
         self._ids += 1
-        call_id, sock = self._ids, self.sock
+        call_id = self._ids
         try:
-            send_msg(sock, {"op": "call", "id": call_id, "payload": payload})
+            self._send({"op": "call", "id": call_id, "payload": payload})
             deadline = time.monotonic() + timeout
-            cancelled_at = None
-            while True:
-                wait = (deadline if cancelled_at is None else cancelled_at + CANCEL_GRACE) - time.monotonic()
-                if wait <= 0:
-                    if cancelled_at is None:
-                        send_msg(sock, {"op": "cancel", "id": call_id})
-                        cancelled_at = time.monotonic()
-                        continue
-                    self._kill_worker()
-                    raise TimeoutError(
-                        f"the call timed out after {timeout:g}s and did not stop when interrupted; "
-                        "the worker was restarted (anything it held in memory is gone)"
-                    )
-                sock.settimeout(wait)
-                try:
-                    msg = recv_msg(sock)
-                except socket.timeout:
-                    continue
+            while (msg := self._recv(deadline)) is not None:
                 if msg.get("id") != call_id:
                     continue
                 if msg["op"] == "out":
                     on_output(msg["stream"], msg["text"])
                 elif msg["op"] == "result":
-                    if msg.get("cancelled"):
-                        msg["message"] = f"the call timed out after {timeout:g}s and was interrupted; the worker is ready"
                     return msg
-        except (ConnectionError, OSError) as exc:
-            self.close()
-            raise WorkerDiedError(
-                "the model worker exited during the call (a crash, os._exit or running out of "
-                f"memory: {exc}). A fresh worker starts on the next call."
-            ) from None
-        except BaseException:
-            # KeyboardInterrupt in the notebook: stop the call and resynchronise next time.
-            with contextlib.suppress(OSError):
-                send_msg(sock, {"op": "cancel", "id": call_id})
-            self.close()
+            # Timed out: interrupt the call, and if that does not take, kill the worker.
+            self._send({"op": "cancel", "id": call_id})
+            while (msg := self._recv(time.monotonic() + CANCEL_GRACE)) is not None:
+                if msg.get("id") == call_id and msg["op"] == "result":
+                    msg.update(ok=False, cancelled=True, message=f"the call timed out after {timeout:g}s "
+                               "and was interrupted; the worker is ready for the next call")
+                    return msg
+            self._kill_worker()
+            raise TimeoutError(
+                f"the call timed out after {timeout:g}s and did not stop when interrupted; "
+                "the worker was restarted (anything it held in memory is gone)"
+            )
+        except (KeyboardInterrupt, WorkerDiedError) as exc:
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C / kernel interrupt in the notebook
+                with contextlib.suppress(OSError):
+                    send_msg(self.sock, {"op": "cancel", "id": call_id})
+            self.close()  # a fresh connection next time: no stale replies to skip
             raise
+
+    def _send(self, msg: dict) -> None:
+        try:
+            send_msg(self.sock, msg)
+        except OSError as exc:
+            raise self._died(exc) from None
+
+    def _recv(self, deadline: float) -> dict | None:
+        """The next message, or None once the deadline has passed."""
+        wait = deadline - time.monotonic()
+        if wait <= 0:
+            return None
+        self.sock.settimeout(wait)
+        try:
+            return recv_msg(self.sock)
+        except socket.timeout:
+            return None
+        except OSError as exc:
+            raise self._died(exc) from None
+
+    @staticmethod
+    def _died(exc: BaseException) -> WorkerDiedError:
+        return WorkerDiedError(
+            "the model worker exited during the call (a crash, os._exit or running out of "
+            f"memory: {exc}). A fresh worker starts on the next call."
+        )
 
     def _kill_worker(self) -> None:
         self.close()
         if self.worker_pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.worker_pid, signal.SIGKILL)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(self.worker_pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.02)
+            try:
+                os.waitpid(self.worker_pid, 0)  # our own child: reap it
+            except ChildProcessError:  # someone else's: wait until it is gone
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and _alive(self.worker_pid):
+                    time.sleep(0.02)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 class InterpClient:

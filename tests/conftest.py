@@ -1,0 +1,61 @@
+"""Shared fixtures: one real model worker for the whole run, real kernels, real files."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import gpu  # noqa: E402
+import kernel  # noqa: E402
+
+SETUP = "from gpu import InterpClient\nclient = InterpClient()\n"
+
+
+@pytest.fixture(scope="session")
+def worker_env():
+    """Start the shared worker once (embedded model) and point every kernel and client at it."""
+    socket_path = os.path.join(tempfile.mkdtemp(prefix="scribe-test-"), "worker.sock")
+    env = {gpu.ENV_SOCKET: socket_path, gpu.ENV_SPEC: gpu.ModelSpec().to_json(), gpu.ENV_OWNER: str(os.getpid())}
+    os.environ.update(env)
+    gpu.connect_worker(gpu.ModelSpec(), socket_path, os.getpid()).close()
+    yield env
+    gpu.stop_worker(socket_path)
+
+
+@pytest.fixture(scope="session")
+def client(worker_env):
+    c = gpu.InterpClient()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def manager(worker_env, tmp_path):
+    m = kernel.SessionManager(tmp_path / "notebooks", kernel_env=worker_env, cell_timeout=120)
+    yield m
+    m.shutdown_all()
+
+
+@pytest.fixture(scope="module")
+def kernel_session(worker_env, tmp_path_factory):
+    """One kernel with `client` created, shared by a module's tests."""
+    m = kernel.SessionManager(tmp_path_factory.mktemp("nb"), kernel_env=worker_env, cell_timeout=120)
+    s = m.start_new("shared")
+    result = s.execute(SETUP)
+    assert result.status == "ok", result.text
+    yield s
+    m.shutdown_all()
+
+
+def run_ok(session, code: str) -> str:
+    """Execute code in a kernel, fail the test with the cell's output if it errored."""
+    result = session.execute(code)
+    assert result.status == "ok", result.text
+    return result.text
