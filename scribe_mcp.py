@@ -169,20 +169,24 @@ async def _run_cell(ctx: Context, session: kernel.Session, run) -> kernel.CellRe
             message = f"running for {time.monotonic() - started:.0f}s" + (f"; recent output: {tail}" if tail else "")
             await ctx.report_progress(ticks, None, message)
 
+    outcome: list = []
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(progress)
             try:
-                return await anyio.to_thread.run_sync(lambda: run(recent.append), abandon_on_cancel=True)
+                outcome.append(await anyio.to_thread.run_sync(lambda: run(recent.append), abandon_on_cancel=True))
+            except Exception as exc:  # kept out of the task group, which would wrap it in a group
+                outcome.append(exc)
             finally:
                 tg.cancel_scope.cancel()
     except anyio.get_cancelled_exc_class():
         session.interrupt()
         raise
-    except kernel.SessionError as exc:
-        raise ToolError(str(exc)) from None
-    except Exception as exc:
-        raise ToolError(f"{type(exc).__name__}: {exc}") from None
+    if isinstance(outcome[0], kernel.SessionError):
+        raise ToolError(str(outcome[0]))
+    if isinstance(outcome[0], Exception):
+        raise ToolError(f"{type(outcome[0]).__name__}: {outcome[0]}")
+    return outcome[0]
 
 
 def _session_info(session: kernel.Session, **extra) -> dict:

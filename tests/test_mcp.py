@@ -1,0 +1,285 @@
+"""The MCP server end to end, spawned over stdio (and HTTP) and driven by the official MCP client."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import nbformat
+import pytest
+from conftest import ROOT
+from mcp import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+SERVER = str(ROOT / "scribe_mcp.py")
+FRANCE_TECHNIQUE = '''
+def top_token(model, tokenizer, text):
+    import torch
+    inputs = tokenizer(text, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+    return tokenizer.decode(logits.argmax())
+
+client.run(top_token, text="The capital of France is")
+'''
+
+
+def server_env() -> dict:
+    # The server under test starts its own worker; the test run's shared one must not leak in.
+    return {k: v for k, v in os.environ.items() if not k.startswith("SCRIBE_")}
+
+
+@asynccontextmanager
+async def scribe(nbdir: Path, *args: str):
+    params = StdioServerParameters(command=sys.executable, args=[SERVER, "--notebook-dir", str(nbdir), *args],
+                                   env=server_env())
+    async with stdio_client(params) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            yield session
+
+
+async def call(session: ClientSession, tool: str, **arguments):
+    result = await session.call_tool(tool, arguments, read_timeout_seconds=180)
+    assert not result.is_error, result.content[0].text
+    return result
+
+
+def text(result) -> str:
+    return result.content[0].text
+
+
+def test_reference_workflow_end_to_end(tmp_path):
+    nbdir = tmp_path / "notebooks"
+
+    async def scenario():
+        async with scribe(nbdir) as s:
+            tools = {t.name: t for t in (await s.list_tools()).tools}
+            assert {"start_new_session", "start_session_resume_notebook", "start_session_continue_notebook",
+                    "execute_code", "edit_cell", "add_markdown", "init_session", "shutdown_session",
+                    "restart_session", "list_sessions"} == set(tools)
+            assert "cell_index counts code cells" in tools["edit_cell"].description
+
+            started = (await call(s, "start_new_session", experiment_name="france")).structured_content
+            sid, path = started["session_id"], Path(started["notebook_path"])
+            assert path.parent == nbdir.resolve() and path.name.endswith("_france.ipynb")
+
+            init = (await call(s, "init_session")).structured_content
+            assert init["model"].startswith("SmolLM2-135M-Instruct")
+            assert "client.run" in init["instructions"]
+            names = {t["name"] for t in init["techniques"]}
+            assert {"logit_lens", "activation_patching", "steering"} <= names
+            assert all(t["summary"] and t["signature"].startswith(t["name"] + "(") for t in init["techniques"])
+
+            setup = await call(s, "execute_code", session_id=sid, code=init["setup_code"])
+            assert "InterpClient" in text(setup) and setup.structured_content["status"] == "ok"
+            first = time.monotonic()
+            answer = await call(s, "execute_code", session_id=sid, code=FRANCE_TECHNIQUE)
+            assert "' Paris'" in text(answer)
+            assert time.monotonic() - first < 30
+
+            md = await call(s, "add_markdown", session_id=sid, content="## Finding\nParis.")
+            assert md.structured_content["cell_index"] == 2
+
+            edited = await call(s, "edit_cell", session_id=sid, cell_index=-1,
+                                code=FRANCE_TECHNIQUE.replace("France", "Italy"))
+            assert "' Rome'" in text(edited) and edited.structured_content["cell_index"] == 1
+
+            plot = await call(s, "execute_code", session_id=sid,
+                              code="import matplotlib.pyplot as plt\nplt.plot([1, 2, 4])\nplt.show()")
+            images = [c for c in plot.content if c.type == "image"]
+            assert len(images) == 1 and images[0].mime_type == "image/png"
+            assert base64.b64decode(images[0].data)[:4] == b"\x89PNG"
+
+            listed = (await call(s, "list_sessions")).structured_content["sessions"]
+            assert [x["session_id"] for x in listed] == [sid]
+            await call(s, "shutdown_session", session_id=sid)
+
+            nb = nbformat.read(path, as_version=4)
+            nbformat.validate(nb)
+            assert [c.cell_type for c in nb.cells] == ["code", "code", "markdown", "code"]
+            assert "Rome" in nb.cells[1].outputs[0]["data"]["text/plain"]
+
+            resumed = (await call(s, "start_session_resume_notebook", notebook_path=path.name)).structured_content
+            assert resumed["notebook_path"] == str(path)
+            assert resumed["cells_run"] == 3 and resumed["errors"] == []
+            again = await call(s, "execute_code", session_id=resumed["session_id"],
+                               code="client.run(top_token, text='The capital of France is')")
+            assert "' Paris'" in text(again)
+
+            forked = (await call(s, "start_session_continue_notebook", notebook_path=str(path),
+                                 experiment_name="fork")).structured_content
+            assert forked["notebook_path"].endswith("_fork_continued.ipynb") and forked["cells_run"] == 4
+            assert len(nbformat.read(path, as_version=4).cells) == 5  # original: only the resumed session's cell
+
+    anyio.run(scenario)
+
+
+def test_errors_are_clear_tool_errors(tmp_path):
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    (nbdir / "broken.ipynb").write_text("{oops")
+    (tmp_path / "outside.ipynb").write_text("{}")
+
+    async def scenario():
+        async with scribe(nbdir, "--no-preload") as s:
+            async def error(tool, **arguments):
+                result = await s.call_tool(tool, arguments)
+                assert result.is_error
+                return text(result)
+
+            assert "unknown session_id 'nope'" in await error("execute_code", session_id="nope", code="1")
+            sid = (await call(s, "start_new_session")).structured_content["session_id"]
+            assert "has no code cells yet" in await error("edit_cell", session_id=sid, code="1")
+            await call(s, "execute_code", session_id=sid, code="x = 1")
+            assert "valid indices are 0..0" in await error("edit_cell", session_id=sid, code="1", cell_index=3)
+            assert "code is empty" in await error("execute_code", session_id=sid, code="   ")
+            assert "outside the notebook directory" in await error(
+                "start_session_resume_notebook", notebook_path=str(tmp_path / "outside.ipynb"))
+            assert "not a valid Jupyter notebook" in await error(
+                "start_session_continue_notebook", notebook_path="broken.ipynb")
+            assert "no notebook at" in await error("start_session_resume_notebook", notebook_path="nope.ipynb")
+
+            died = await call(s, "execute_code", session_id=sid, code="import os; os._exit(1)")
+            assert died.structured_content["status"] == "died" and "KernelDied" in text(died)
+            assert "NameError" in text(await call(s, "execute_code", session_id=sid, code="x"))
+            restarted = await call(s, "restart_session", session_id=sid)
+            assert restarted.structured_content["status"] == "restarted"
+            assert "2" in text(await call(s, "execute_code", session_id=sid, code="1 + 1"))
+
+    anyio.run(scenario)
+
+
+def test_long_cells_send_progress_and_cancel_interrupts(tmp_path):
+    async def scenario():
+        async with scribe(tmp_path / "nb", "--no-preload") as s:
+            sid = (await call(s, "start_new_session")).structured_content["session_id"]
+            updates = []
+
+            async def on_progress(progress, total, message):
+                updates.append(message)
+
+            code = "import time\nfor i in range(8):\n    print('step', i, flush=True)\n    time.sleep(1)"
+            result = await s.call_tool("execute_code", {"session_id": sid, "code": code},
+                                       progress_callback=on_progress)
+            assert "step 7" in text(result)
+            assert len(updates) >= 2 and any("step" in m for m in updates)
+
+            with anyio.move_on_after(2):
+                await s.call_tool("execute_code", {"session_id": sid, "code": "import time\nwhile True: time.sleep(0.1)"})
+            start = time.monotonic()
+            after = await call(s, "execute_code", session_id=sid, code="'free again'")
+            assert "free again" in text(after) and time.monotonic() - start < 10
+            nb = nbformat.read(next((tmp_path / "nb").glob("*.ipynb")), as_version=4)
+            assert nb.cells[1].outputs[-1]["ename"] == "KeyboardInterrupt"
+
+    anyio.run(scenario)
+
+
+def pids_alive(pids) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] != "Z":
+                    alive.append(pid)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    return alive
+
+
+def test_closing_stdin_stops_kernels_and_worker(tmp_path):
+    nbdir = tmp_path / "nb"
+
+    async def scenario():
+        async with scribe(nbdir) as s:
+            pids = []
+            for _ in range(2):
+                sid = (await call(s, "start_new_session")).structured_content["session_id"]
+                await call(s, "execute_code", session_id=sid, code="import os\nfrom gpu import InterpClient\nclient = InterpClient()")
+                pids.append(int(text(await call(s, "execute_code", session_id=sid, code="print(os.getpid())")).split()[-1]))
+            worker = text(await call(s, "execute_code", session_id=sid,
+                                     code="print(client.run(lambda model, tokenizer: __import__('os').getpid()))"))
+            pids.append(int(worker.split()[-1]))
+            await call(s, "execute_code", session_id=sid, code="'last cell'")
+            return pids
+
+    pids = anyio.run(scenario)
+    deadline = time.monotonic() + 10
+    while pids_alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pids_alive(pids) == []
+    saved = [nbformat.read(p, as_version=4) for p in nbdir.glob("*.ipynb")]
+    assert any(c.source == "'last cell'" for nb in saved for c in nb.cells)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_http_transport_requires_the_bearer_token(tmp_path):
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    port, token = free_port(), "test-token-123"
+    env = {**server_env(), "SCRIBE_TOKEN": token}
+    proc = subprocess.Popen([sys.executable, SERVER, "--transport", "http", "--port", str(port), "--no-preload",
+                             "--notebook-dir", str(tmp_path / "nb")], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=2)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "HTTP server did not come up"
+                time.sleep(0.1)
+
+        async def scenario():
+            http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+            async with streamable_http_client(url, http_client=http) as (read, write):
+                async with ClientSession(read, write) as s:
+                    await s.initialize()
+                    sid = (await call(s, "start_new_session")).structured_content["session_id"]
+                    assert "Out[1]: 4" in text(await call(s, "execute_code", session_id=sid, code="2 + 2"))
+
+            wrong = create_mcp_http_client(headers={"Authorization": "Bearer wrong"})
+            async with wrong:
+                response = await wrong.post(url, json={})
+                assert response.status_code == 401
+
+        anyio.run(scenario)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_server_process_stays_light_and_prints_config():
+    code = ("import sys; sys.argv = ['x']; import scribe_mcp; scribe_mcp._technique_catalog(); "
+            "print('torch' in sys.modules, 'nnsight' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=server_env())
+    assert out.stdout.split() == ["False", "False"], out.stderr
+    config = subprocess.run([sys.executable, SERVER, "--print-config", "claude"], capture_output=True, text=True)
+    assert f"claude mcp add scribe -- {sys.executable} {SERVER}" in config.stdout
+    snippet = json.loads(config.stdout[config.stdout.index("{"):])
+    assert snippet["mcpServers"]["scribe"]["args"] == [SERVER]
+    helptext = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True).stdout
+    for flag in ("--model", "--notebook-dir", "--device", "--dtype", "--preload", "--cell-timeout",
+                 "--output-limit", "--transport", "--host", "--port"):
+        assert flag in helptext
