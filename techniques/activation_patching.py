@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+
+def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: str, wrong_answer: str,
+                        layers: list[int] | None = None, positions=None, component: str = "resid",
+                        batch_size: int = 32) -> dict:
+    """Patch clean activations into the corrupted run over a layers x positions grid.
+
+    The metric is logit(answer) - logit(wrong_answer) at the last position, normalised so the
+    clean run scores 1 and the corrupted run 0. clean and corrupted must tokenize to the same
+    length. component: "resid" (block output), "attn" or "mlp" (their outputs).
+    positions: None = each position separately, "all" = all positions at once, or a list.
+    All patched runs of a batch go through the model as one batch (one forward per batch_size).
+    Returns {"grid": [layer][column], "logit_diffs": [layer][column], "layers", "positions",
+    "tokens", "corrupted_tokens", "clean_logit_diff", "corrupted_logit_diff", "unpatched"}.
+    """
+    import torch
+
+    from ._arch import arch, normalize, patch_columns, prompt_pair
+
+    a = arch(model)
+    layers = a.layers(layers)
+    ids_clean, ids_corrupted, good, bad = prompt_pair(model, tokenizer, clean, corrupted, answer, wrong_answer)
+    columns, labels = patch_columns(ids_clean.shape[1], positions)
+    needed = sorted(set(layers))
+    clean_acts = {}
+    with torch.no_grad():
+        with model.trace(ids_clean):
+            for layer in needed:
+                clean_acts[layer] = a.site(model, layer, component).save()
+            clean_logits = model.lm_head.output.save()
+    clean_diff = float(clean_logits[0, -1, good] - clean_logits[0, -1, bad])
+
+    # One row per (layer, column); each batch also carries an unpatched corrupted row first.
+    cells = [(layer, col) for layer in layers for col in range(len(columns))]
+    diffs, unpatched = [], None
+    for start in range(0, len(cells), batch_size):
+        chunk = cells[start:start + batch_size]
+        writes = {}
+        for row, (layer, col) in enumerate(chunk, start=1):
+            rows, pos = writes.setdefault(layer, ([], []))
+            rows.extend([row] * len(columns[col]))
+            pos.extend(columns[col])
+        with torch.no_grad():
+            with model.trace(ids_corrupted.repeat(len(chunk) + 1, 1)):
+                for layer in sorted(writes):
+                    rows, pos = torch.tensor(writes[layer][0]), torch.tensor(writes[layer][1])
+                    a.site(model, layer, component)[rows, pos] = clean_acts[layer][0, pos]
+                logits = model.lm_head.output.save()
+        batch_diffs = (logits[:, -1, good] - logits[:, -1, bad]).float()
+        unpatched = float(batch_diffs[0]) if unpatched is None else unpatched
+        diffs.append(batch_diffs[1:])
+    corrupted_diff = unpatched
+    raw_grid = torch.cat(diffs).reshape(len(layers), len(columns))
+    return {
+        "grid": normalize(raw_grid, clean_diff, corrupted_diff),
+        "logit_diffs": raw_grid.tolist(),
+        "layers": layers,
+        "positions": labels,
+        "component": component,
+        "tokens": [tokenizer.decode([i]) for i in ids_clean[0].tolist()],
+        "corrupted_tokens": [tokenizer.decode([i]) for i in ids_corrupted[0].tolist()],
+        "clean_logit_diff": clean_diff,
+        "corrupted_logit_diff": corrupted_diff,
+    }

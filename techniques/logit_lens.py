@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+
+def logit_lens(model, tokenizer, text: str, layers: list[int] | None = None, positions=(-1,),
+               top_k: int = 5, targets: list[str] | None = None) -> dict:
+    """Decode each layer's residual stream through the final norm and unembedding.
+
+    layers: block indices (default all); layer i is the output of block i, so the last layer
+        gives exactly the model's own next-token distribution.
+    positions: token positions to decode (default the last).
+    targets: strings whose (first-token) probability is tracked per layer and position.
+    Returns {"tokens", "layers", "positions", "top": [layer][position] -> top-k list,
+    "target_probs": {target: [layer][position] -> prob}}.
+    """
+    import torch
+
+    from ._arch import arch, encode, positions as check_positions, token_id, top_tokens
+
+    a = arch(model)
+    layers = a.layers(layers)
+    ids = encode(model, tokenizer, text)["input_ids"]
+    pos = check_positions(ids.shape[1], positions)
+    saved = {}
+    with torch.no_grad():
+        with model.trace(ids):
+            for layer in sorted(set(layers)):  # modules must be read in execution order
+                saved[layer] = a.layer(model, layer).output.save()
+        hidden = torch.stack([saved[layer][0, pos] for layer in layers])  # [L, P, D]
+        probs = a.unembed(model, hidden).float().softmax(-1)
+    target_ids = {t: token_id(tokenizer, t) for t in targets or []}
+    return {
+        "tokens": [tokenizer.decode([i]) for i in ids[0].tolist()],
+        "layers": layers,
+        "positions": pos,
+        "top": [[top_tokens(tokenizer, probs[i, j], top_k) for j in range(len(pos))] for i in range(len(layers))],
+        "target_probs": {t: probs[:, :, tid].tolist() for t, tid in target_ids.items()},
+    }

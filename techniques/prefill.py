@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+
+def prefill_attack(model, tokenizer, user_prompt: str, prefill_text: str, max_new_tokens: int = 50,
+                   system_prompt: str | None = None) -> dict:
+    """Make the model continue an assistant turn that already starts with `prefill_text`.
+
+    Uses the chat template when the tokenizer has one. Greedy decoding.
+    Returns {"prompt": the full text fed to the model, "continuation": the new text,
+    "response": prefill_text + continuation}.
+    """
+    from ._arch import chat_prompt, generate
+
+    prompt = chat_prompt(tokenizer, user_prompt, system_prompt) + prefill_text
+    continuation = generate(model, tokenizer, [prompt], max_new_tokens)[0]
+    return {"prompt": prompt, "continuation": continuation, "response": prefill_text + continuation}

@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+
+def analyze_token_probs(model, tokenizer, text: str, top_k: int = 10, targets: list[str] | None = None) -> dict:
+    """Next-token distribution after `text`: the top-k tokens and the probability of chosen targets.
+
+    targets: strings such as [" Paris", " Rome"]; each is scored by its first token.
+    Returns {"top": [{"token", "id", "prob"}...], "targets": {target: prob}, "entropy": nats}.
+    """
+    import torch
+
+    from ._arch import encode, raw, token_id, top_tokens
+
+    inputs = encode(model, tokenizer, text)
+    with torch.no_grad():
+        logits = raw(model)(**inputs).logits[0, -1].float()
+    probs = logits.softmax(-1)
+    return {
+        "top": top_tokens(tokenizer, probs, top_k),
+        "targets": {t: float(probs[token_id(tokenizer, t)]) for t in targets or []},
+        "entropy": float(-(probs * probs.clamp_min(1e-12).log()).sum()),
+    }
