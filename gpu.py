@@ -267,6 +267,7 @@ def _forget_nnsight_source(filename: str) -> None:
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
 _HEAVY_MODULES = ("torch", "transformers", "nnsight", "accelerate")
+_FRAMEWORKS = ("transformers.", "accelerate.", "nnsight.", "torch.", "peft.")
 
 
 def to_plain(value: Any, where: str = "result") -> Any:
@@ -338,20 +339,15 @@ class _Emitter(io.TextIOBase):
             self._emit(self.name, text)
 
 
-def _hook_dicts(module) -> list[dict]:
-    return [
-        d
-        for name in (
-            "_forward_hooks",
-            "_forward_pre_hooks",
-            "_backward_hooks",
-            "_backward_pre_hooks",
-            "_forward_hooks_with_kwargs",
-            "_forward_hooks_always_called",
-            "_forward_pre_hooks_with_kwargs",
-        )
-        if isinstance(d := getattr(module, name, None), dict)
-    ]
+_HOOKS = ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
+# Per-hook flags kept beside the hooks, keyed by the same handle ids.
+_HOOK_FLAGS = ("forward_hooks_with_kwargs", "forward_hooks_always_called", "forward_pre_hooks_with_kwargs")
+
+
+def _hook_tables(owner, prefix: str) -> list[tuple[dict, list[dict]]]:
+    """(hooks, flag dicts) of a module (prefix "_") or of torch's global hooks ("_global_")."""
+    flags = [d for name in _HOOK_FLAGS if isinstance(d := getattr(owner, prefix + name, None), dict)]
+    return [(d, flags) for name in _HOOKS if isinstance(d := getattr(owner, prefix + name, None), dict)]
 
 
 class Executor:
@@ -361,28 +357,25 @@ class Executor:
         import torch
 
         self.model, self.tokenizer = model, tokenizer
-        raw = getattr(model, "_module", model)
-        self._modules = list(raw.modules())
-        hook_globals = torch.nn.modules.module
-        self._global_hooks = [
-            d
-            for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                         "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
-            if isinstance(d := getattr(hook_globals, name, None), dict)
-        ]
-        self._baseline = self._hook_state()
-
-    def _hook_state(self) -> list[tuple[dict, set]]:
-        dicts = [d for m in self._modules for d in _hook_dicts(m)] + self._global_hooks
-        return [(d, set(d)) for d in dicts]
+        self._tables = [t for m in getattr(model, "_module", model).modules() for t in _hook_tables(m, "_")]
+        self._tables += _hook_tables(torch.nn.modules.module, "_global_")
+        self._baseline = [set(hooks) for hooks, _ in self._tables]
 
     def _restore(self) -> None:
-        """Remove hooks a call left behind (nnsight's own, present at load, are kept)."""
+        """Remove hooks a call left behind.
+
+        Hooks present at load are kept, and so are the frameworks' own: transformers installs
+        its output-recording hooks lazily, on the first `output_hidden_states=True`.
+        """
         import torch
 
-        for d, keys in self._baseline:
-            for key in [k for k in d if k not in keys]:
-                del d[key]
+        for (hooks, flags), keep in zip(self._tables, self._baseline):
+            for key in [k for k in hooks if k not in keep]:
+                if not (getattr(hooks[key], "__module__", None) or "").startswith(_FRAMEWORKS):
+                    del hooks[key]
+                    for flag in flags:
+                        if isinstance(flag, dict):
+                            flag.pop(key, None)
         torch.set_grad_enabled(True)
         getattr(self.model, "_module", self.model).eval()
 

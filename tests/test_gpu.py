@@ -226,9 +226,16 @@ def test_hooks_left_behind_are_removed(client):
         raw.lm_head.register_forward_pre_hook(lambda mod, args: (args[0] * 0,))
         return "poisoned"
 
+    def n_hidden_states(model, tokenizer):
+        import torch
+        with torch.no_grad():
+            return len(model(**tokenizer("Hello", return_tensors="pt"), output_hidden_states=True).hidden_states)
+
     before = client.run(top_logit)
     assert client.run(poison) == "poisoned"
     assert client.run(top_logit) == pytest.approx(before, abs=1e-5)
+    # transformers' own recording hooks (installed on first use) survive the clean-up.
+    assert client.run(n_hidden_states) == client.run(n_hidden_states) == 31
 
 
 def test_two_clients_at_once(worker_env):
