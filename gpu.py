@@ -16,7 +16,8 @@ Layout, top to bottom:
   4. the execution core shared by the local worker and the Modal container
   5. the local worker process and its wire protocol
   6. worker management (spawn, connect, respawn)
-  7. InterpClient and its backends (local, modal, ndif)
+  7. Modal: the same execution core in a GPU container
+  8. InterpClient and its backends (local, modal, ndif)
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ import threading
 import time
 import traceback
 import types
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,6 +78,8 @@ class ModelSpec:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto", "float32", "bfloat16", "float16"
     cache_dir: str = ""  # where converted GGUF models go; "" = ~/.cache/scribe
+    adapter: str = ""  # a PEFT adapter (hub id or folder) applied on top of the model
+    remote: str = ""  # "" = run here; "ndif" = nnsight traces run on NDIF; "local" = NDIF dry run
 
     @classmethod
     def from_env(cls) -> ModelSpec:
@@ -178,6 +182,10 @@ def load_model(spec: ModelSpec):
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if spec.remote == "ndif":
+        # NDIF holds the weights: load only the config and tokenizer (a meta-device model).
+        model = TransformersModel(spec.model, task="text-generation")
+        return model, model.tokenizer
     path = resolve_model_path(spec)
     cuda = torch.cuda.is_available()
     device = spec.device if spec.device != "auto" else ("cuda" if cuda else "cpu")
@@ -191,10 +199,54 @@ def load_model(spec: ModelSpec):
     device_map = "auto" if (spec.device == "auto" and cuda) else device
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    if spec.adapter:
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise RuntimeError(f"adapter {spec.adapter!r} needs the peft package: pip install peft") from None
+        hf_model = PeftModel.from_pretrained(hf_model, spec.adapter).merge_and_unload()
     hf_model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return TransformersModel(hf_model, tokenizer=tokenizer), tokenizer
+
+
+NDIF_RULE = (
+    "in NDIF mode the weights live on NDIF's cluster, so only nnsight traces run: put the work "
+    "inside `with model.trace(...)`, `with model.generate(...)` or `with model.session()` and "
+    ".save() what you need. Plain calls such as model(**inputs) outside a trace cannot run."
+)
+
+
+class _RemoteByDefault:
+    """Mixed into the nnsight wrapper's class in NDIF mode: traces go remote unless told otherwise.
+
+    Only methods that return a tracer may be wrapped: nnsight finds the user's `with` block by
+    counting frames from where the tracer is entered, not from where it is created.
+    """
+
+    _scribe_remote: bool | str = True
+
+    def trace(self, *inputs, **kwargs):
+        kwargs.setdefault("remote", self._scribe_remote)
+        return super().trace(*inputs, **kwargs)
+
+    # `generate` needs no override: nnsight's traced generate goes through `trace`.
+
+    def session(self, *args, **kwargs):
+        kwargs.setdefault("remote", self._scribe_remote)
+        return super().session(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(NDIF_RULE)
+
+
+def remote_by_default(model, remote: str):
+    """Make `model`'s traces run on NDIF (remote="ndif") or in nnsight's local dry run ("local")."""
+    cls = type(model)
+    model.__class__ = type(f"Remote{cls.__name__}", (_RemoteByDefault, cls),
+                           {"_scribe_remote": True if remote == "ndif" else remote})
+    return model
 
 
 # ---------------------------------------------------------------------------
@@ -403,6 +455,14 @@ class Executor:
         return reply
 
 
+def load_executor(spec: ModelSpec) -> Executor:
+    """What both the local worker and the Modal container hold: the model behind an Executor."""
+    model, tokenizer = load_model(spec)
+    if spec.remote:
+        model = remote_by_default(model, spec.remote)
+    return Executor(model, tokenizer)
+
+
 def describe_exception(exc: BaseException) -> dict:
     """The remote error as plain data, with the worker's own frames cut from the traceback."""
     tb = exc.__traceback__
@@ -480,8 +540,7 @@ class Worker:
         signal.signal(signal.SIGTERM, lambda *_: self._exit(0))
         threading.Thread(target=self._watch_owner, daemon=True).start()
         t0 = time.perf_counter()
-        model, tokenizer = load_model(self.spec)
-        executor = Executor(model, tokenizer)
+        executor = load_executor(self.spec)
         print(f"[scribe worker] {self.spec.display_name} loaded in {time.perf_counter() - t0:.1f}s",
               file=sys.stderr, flush=True)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -655,7 +714,144 @@ def stop_worker(socket_path: str, timeout: float = 5.0) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# 7. InterpClient and its backends
+# 7. Modal: the same Executor in a GPU container
+# ---------------------------------------------------------------------------
+
+MODAL_LOGIN = ("Modal is not logged in on this machine: run `modal token new` (or set MODAL_TOKEN_ID and "
+               "MODAL_TOKEN_SECRET), then create the client again.")
+# The container must unpickle what this process pickles: same Python minor, same libraries.
+_PINNED = ("torch", "transformers", "nnsight", "cloudpickle", "accelerate", "gguf")
+
+
+@dataclass(frozen=True)
+class ModalConfig:
+    """How the Modal class runs. Each field also reads SCRIBE_MODAL_<FIELD> (see from_env)."""
+
+    gpu: str = "A10G"  # "A10G", "L4", "A100-80GB", "H100", "H100:2" (several GPUs: device_map="auto")
+    app_name: str = "scribe"
+    scaledown_window: int = 300  # idle seconds before the container (and the loaded model) goes away
+    min_containers: int = 0  # >0 keeps that many containers warm (billed while idle)
+    timeout: int = 3600  # the longest one call may run, in seconds
+    volume: str = "scribe-hf-cache"  # a Modal Volume for the Hugging Face cache: weights download once
+    secret: str = ""  # a Modal Secret with HF_TOKEN, for gated models
+    deployed: bool = False  # use the app from `modal deploy gpu.py::app` instead of an ephemeral one
+
+    @classmethod
+    def from_env(cls, **overrides) -> ModalConfig:
+        values = {}
+        for name, kind in ((f.name, type(f.default)) for f in cls.__dataclass_fields__.values()):
+            raw = os.environ.get(f"SCRIBE_MODAL_{name.upper()}")
+            if raw is not None:
+                values[name] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+        return cls(**{**values, **overrides})
+
+
+def modal_image():
+    import importlib.metadata
+
+    import modal
+
+    pins = [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in _PINNED]
+    return (
+        modal.Image.debian_slim(python_version=f"{sys.version_info.major}.{sys.version_info.minor}")
+        .pip_install(*pins, "peft")
+        .add_local_python_source("gpu", "techniques")
+    )
+
+
+def modal_app(config: ModalConfig):
+    """Build the Modal app and its model class (nothing is contacted until it runs)."""
+    import modal
+
+    app = modal.App(config.app_name)
+    volume = modal.Volume.from_name(config.volume, create_if_missing=True)
+
+    @app.cls(image=modal_image(), gpu=config.gpu, volumes={"/root/.cache/huggingface": volume},
+             secrets=[modal.Secret.from_name(config.secret)] if config.secret else [],
+             timeout=config.timeout, scaledown_window=config.scaledown_window,
+             min_containers=config.min_containers, serialized=True)
+    class ScribeModel:
+        spec_json = modal.parameter()
+        # Modal reads the parameter's type at runtime; this module's annotations are postponed strings.
+        __annotations__ = {"spec_json": str}
+
+        @modal.enter()
+        def load(self):  # once per container: the model stays loaded across calls
+            self.executor = load_executor(ModelSpec.from_json(self.spec_json))
+
+        @modal.method()
+        def run(self, payload: bytes) -> dict:
+            output: list[tuple[str, str]] = []
+            reply = self.executor.execute(payload, lambda stream, text: output.append((stream, text)))
+            return {**reply, "output": output}
+
+    return app, ScribeModel
+
+
+def __getattr__(name: str):
+    # `modal deploy gpu.py::app` builds the app on demand, so importing gpu never imports modal.
+    if name == "app":
+        return modal_app(ModalConfig.from_env())[0]
+    raise AttributeError(f"module 'gpu' has no attribute {name!r}")
+
+
+class ModalBackend:
+    """Runs calls on Modal (or, with dry_run, in this process through the same Modal class)."""
+
+    def __init__(self, spec: ModelSpec, config: ModalConfig, dry_run: bool = False):
+        self.spec, self.config, self.dry_run = spec, config, dry_run
+        self.model_name = f"{spec.display_name} on Modal {config.gpu}" + (" (dry run)" if dry_run else "")
+        self._instance = None
+        self._app_run = None
+
+    def connect(self) -> None:
+        if self._instance is not None:
+            return
+        import modal
+
+        try:
+            if self.config.deployed and not self.dry_run:
+                cls = modal.Cls.from_name(self.config.app_name, "ScribeModel")
+            else:
+                app, cls = modal_app(self.config)
+                if not self.dry_run:  # ephemeral: the app lives as long as this client
+                    self._app_run = app.run()
+                    self._app_run.__enter__()
+            self._instance = cls(spec_json=self.spec.to_json())
+        except modal.exception.AuthError:
+            raise RuntimeError(MODAL_LOGIN) from None
+
+    def call(self, payload: bytes, timeout: float, on_output: Callable[[str, str], None]) -> dict:
+        self.connect()
+        import modal
+
+        try:
+            if self.dry_run:
+                with warnings.catch_warnings():  # "executing locally, no Volume": expected here
+                    warnings.simplefilter("ignore", UserWarning)
+                    reply = self._instance.run.local(payload)
+            else:
+                pending = self._instance.run.spawn(payload)
+                try:
+                    reply = pending.get(timeout=timeout)
+                except (TimeoutError, modal.exception.TimeoutError):
+                    pending.cancel()
+                    raise TimeoutError(f"the call timed out after {timeout:g}s and was cancelled on Modal") from None
+        except modal.exception.AuthError:
+            raise RuntimeError(MODAL_LOGIN) from None
+        for stream, text in reply.pop("output", []):
+            on_output(stream, text)
+        return reply
+
+    def close(self) -> None:
+        if self._app_run is not None:
+            self._app_run.__exit__(None, None, None)
+            self._app_run = None
+        self._instance = None
+
+
+# ---------------------------------------------------------------------------
+# 8. InterpClient and its backends
 # ---------------------------------------------------------------------------
 
 
@@ -815,21 +1011,41 @@ class InterpClient:
     """
 
     def __init__(self, model: str | None = None, *, mode: str | None = None, device: str = "auto",
-                 dtype: str = "auto", timeout: float = DEFAULT_CALL_TIMEOUT, preload: bool = True):
-        self.mode = mode or os.environ.get("SCRIBE_MODE", "local")
+                 dtype: str = "auto", adapter: str = "", timeout: float = DEFAULT_CALL_TIMEOUT,
+                 preload: bool = True, dry_run: bool = False, **modal_options):
+        """model: HF id, local folder or .gguf (default: the server's model, else the embedded one).
+
+        mode: "local" (a worker process on this machine), "modal" or "ndif"; default
+        $SCRIBE_MODE or "local". dry_run: run the Modal class in this process (`.local()`), or
+        NDIF traces through nnsight's local simulation of the remote path, on the same model.
+        modal_options: fields of ModalConfig (gpu="H100", scaledown_window=600, secret=..., ...).
+        """
+        server_mode = os.environ.get("SCRIBE_MODE", "local")
+        self.mode = mode or server_mode
+        if self.mode not in ("local", "modal", "ndif"):
+            raise ValueError(f"unknown mode {self.mode!r}: use 'local', 'modal' or 'ndif'")
+        if modal_options and self.mode != "modal":
+            raise TypeError(f"{sorted(modal_options)} only apply to mode='modal'")
         self.timeout = timeout
         self._lock = threading.Lock()
-        if self.mode != "local":
-            raise ValueError(f"unknown mode {self.mode!r}: use 'local'")
-        shared = os.environ.get(ENV_SPEC)
-        if self.mode == "local" and model is None and shared and os.environ.get(ENV_SOCKET):
-            spec = ModelSpec.from_json(shared)
-            socket_path, owner = os.environ[ENV_SOCKET], int(os.environ.get(ENV_OWNER, os.getpid()))
+        shared = os.environ.get(ENV_SPEC) if model is None and self.mode == server_mode else None
+        spec = ModelSpec.from_json(shared) if shared else ModelSpec(model=model or "", device=device,
+                                                                    dtype=dtype, adapter=adapter)
+        if self.mode == "modal":
+            self.backend = ModalBackend(spec, ModalConfig.from_env(**modal_options), dry_run)
         else:
-            spec = ModelSpec(model=model or "", device=device, dtype=dtype)
-            socket_path = os.path.join(tempfile.mkdtemp(prefix="scribe-"), "worker.sock")
-            owner = os.getpid()
-        self.backend = LocalBackend(spec, socket_path, owner)
+            if self.mode == "ndif" and not shared:
+                spec = replace(spec, remote="local" if dry_run else "ndif")
+                if not dry_run and not (spec.model and os.environ.get("NDIF_API_KEY")):
+                    raise RuntimeError("mode='ndif' needs model= a model NDIF serves (e.g. "
+                                       "'meta-llama/Llama-3.1-8B') and an API key in NDIF_API_KEY "
+                                       "(from https://login.ndif.us)")
+            if shared and os.environ.get(ENV_SOCKET):
+                socket_path, owner = os.environ[ENV_SOCKET], int(os.environ.get(ENV_OWNER, os.getpid()))
+            else:
+                socket_path = os.path.join(tempfile.mkdtemp(prefix="scribe-"), "worker.sock")
+                owner = os.getpid()
+            self.backend = LocalBackend(spec, socket_path, owner)
         if preload:
             # Load the model while the user writes the first function.
             self._preload = threading.Thread(target=self._connect_quietly, daemon=True)

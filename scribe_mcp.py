@@ -72,6 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=_env("MODEL", ""),
                    help="Hugging Face id, local model folder or .gguf file; empty = the embedded "
                         "SmolLM2-135M-Instruct [SCRIBE_MODEL]")
+    p.add_argument("--mode", choices=("local", "modal", "ndif"), default=_env("MODE", "local"),
+                   help="where client.run executes: local (a worker process on this machine), modal "
+                        "(Modal GPUs; configure with SCRIBE_MODAL_GPU etc., see README) or ndif (NDIF's "
+                        "cluster, nnsight traces only; needs NDIF_API_KEY) [SCRIBE_MODE]")
+    p.add_argument("--adapter", default=_env("ADAPTER", ""),
+                   help="a PEFT adapter (hub id or folder) applied on top of the model [SCRIBE_ADAPTER]")
     p.add_argument("--notebook-dir", default=_env("NOTEBOOK_DIR", "notebooks"),
                    help="where notebooks are created; resume/continue only open notebooks inside it "
                         "[SCRIBE_NOTEBOOK_DIR, default ./notebooks]")
@@ -105,15 +111,17 @@ class Scribe:
     """The server's state: the sessions and the shared model worker."""
 
     def __init__(self, args: argparse.Namespace):
-        self.spec = gpu.ModelSpec(model=args.model, device=args.device, dtype=args.dtype)
+        self.spec = gpu.ModelSpec(model=args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
+                                  remote="ndif" if args.mode == "ndif" else "")
+        self.mode = args.mode
         self.socket_path = os.path.join(tempfile.mkdtemp(prefix="scribe-"), "worker.sock")
         self.sessions = kernel.SessionManager(
             args.notebook_dir, cell_timeout=args.cell_timeout, output_limit=args.output_limit,
             image_max=args.image_max, idle_timeout=args.idle_timeout,
             kernel_env={gpu.ENV_SOCKET: self.socket_path, gpu.ENV_SPEC: self.spec.to_json(),
-                        gpu.ENV_OWNER: str(os.getpid())},
+                        gpu.ENV_OWNER: str(os.getpid()), "SCRIBE_MODE": args.mode},
         )
-        if args.preload:
+        if args.preload and args.mode != "modal":  # on Modal the container loads the model
             threading.Thread(target=self._preload, daemon=True).start()
 
     def _preload(self) -> None:
@@ -281,6 +289,7 @@ def build_server(scribe: Scribe) -> MCPServer:
             "setup_code": SETUP_CODE,
             "instructions": INSTRUCTIONS,
             "model": scribe.spec.display_name,
+            "mode": scribe.mode,
             "techniques": await _blocking(_technique_catalog),
         })
 
