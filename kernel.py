@@ -181,7 +181,9 @@ class NotebookFile:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        self._cell_json = {k: v for k, v in self._cell_json.items() if k in {id(c) for c in self.nb.cells}}
+        live = {id(c) for c in self.nb.cells}
+        if len(self._cell_json) > len(live):  # forget cells that were removed
+            self._cell_json = {k: v for k, v in self._cell_json.items() if k in live}
 
 
 # ---------------------------------------------------------------------------
