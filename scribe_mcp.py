@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -348,6 +349,22 @@ def serve_http(mcp: MCPServer, host: str, port: int) -> None:
 
     print(f"[scribe] serving MCP on http://{host}:{port}/mcp", file=sys.stderr, flush=True)
     uvicorn.run(with_token, host=host, port=port, log_level="warning")
+
+
+@contextlib.asynccontextmanager
+async def connect(*args: str, env: dict | None = None):
+    """Spawn `python scribe_mcp.py *args` over stdio; yield an initialized MCP ClientSession.
+
+    For scripts driving Scribe the way an agent does (the tests and bench/ use it).
+    """
+    from mcp import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(command=sys.executable, args=[str(HERE / "scribe_mcp.py"), *args], env=env)
+    async with stdio_client(params) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            yield session
 
 
 def print_config() -> None:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import asynccontextmanager
 from datetime import date
 from pathlib import Path
 
@@ -28,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mcp import ClientSession  # noqa: E402
-from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
+
+from scribe_mcp import connect  # noqa: E402
 
 RESULTS: list[dict] = []
 
@@ -47,14 +47,8 @@ def clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("SCRIBE_")}
 
 
-@asynccontextmanager
-async def server(nbdir: Path, *args: str):
-    params = StdioServerParameters(command=sys.executable, args=[str(ROOT / "scribe_mcp.py"), "--notebook-dir",
-                                                                str(nbdir), *args], env=clean_env())
-    async with stdio_client(params) as (read, write):
-        async with ClientSession(read, write) as session:
-            await session.initialize()
-            yield session
+def server(nbdir: Path, *args: str):
+    return connect("--notebook-dir", str(nbdir), *args, env=clean_env())
 
 
 async def call(s: ClientSession, tool: str, **arguments):
@@ -190,7 +184,8 @@ def plain_baselines(reps: int, grid_reps: int) -> tuple[list, list]:
             hidden = model(**france, output_hidden_states=True).hidden_states[1:]
             stacked = torch.stack([h[0, -1] for h in hidden])
             probs = model.lm_head(model.model.norm(stacked)).softmax(-1)
-            probs.topk(5)
+            _, ids = probs.topk(5)
+            tok.batch_decode([[i] for i in ids.reshape(-1).tolist()])  # the same output: readable tokens
 
     def grid():
         with torch.no_grad():

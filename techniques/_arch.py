@@ -161,9 +161,21 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def top_tokens(tokenizer, probs, k: int) -> list[dict]:
-    values, ids = probs.topk(k)
-    return [{"token": tokenizer.decode([i]), "id": int(i), "prob": float(v)} for v, i in zip(values, ids)]
+def top_tokens(tokenizer, probs, k: int) -> list:
+    """Top-k of a [..., vocab] tensor as nested lists of {"token", "id", "prob"} (one topk, one decode)."""
+    values, ids = probs.topk(k, dim=-1)
+    flat_ids = ids.reshape(-1).tolist()
+    words = tokenizer.batch_decode([[i] for i in flat_ids])
+    entries = [{"token": w, "id": i, "prob": p} for w, i, p in zip(words, flat_ids, values.reshape(-1).tolist())]
+    nested = [entries[j:j + k] for j in range(0, len(entries), k)]
+    for size in reversed(ids.shape[1:-1]):
+        nested = [nested[j:j + size] for j in range(0, len(nested), size)]
+    return nested if ids.dim() > 1 else nested[0]
+
+
+def token_strings(tokenizer, ids) -> list[str]:
+    """Each id of a 1-D tensor decoded on its own."""
+    return tokenizer.batch_decode([[i] for i in ids.tolist()])
 
 
 def prompt_pair(model, tokenizer, clean: str, corrupted: str, answer: str, wrong_answer: str):

@@ -16,7 +16,7 @@ def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: st
     """
     import torch
 
-    from ._arch import arch, normalize, patch_columns, prompt_pair
+    from ._arch import arch, normalize, patch_columns, prompt_pair, token_strings
 
     a = arch(model)
     layers = a.layers(layers)
@@ -58,8 +58,8 @@ def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: st
         "layers": layers,
         "positions": labels,
         "component": component,
-        "tokens": [tokenizer.decode([i]) for i in ids_clean[0].tolist()],
-        "corrupted_tokens": [tokenizer.decode([i]) for i in ids_corrupted[0].tolist()],
+        "tokens": token_strings(tokenizer, ids_clean[0]),
+        "corrupted_tokens": token_strings(tokenizer, ids_corrupted[0]),
         "clean_logit_diff": clean_diff,
         "corrupted_logit_diff": corrupted_diff,
     }

@@ -10,7 +10,7 @@ def attention_patterns(model, tokenizer, text: str, layers: list[int] | None = N
     """
     import torch
 
-    from ._arch import arch, encode, raw
+    from ._arch import arch, encode, raw, token_strings
 
     a = arch(model)
     layers = a.layers(layers)
@@ -29,7 +29,7 @@ def attention_patterns(model, tokenizer, text: str, layers: list[int] | None = N
     finally:
         hf.set_attn_implementation(previous)
     return {
-        "tokens": [tokenizer.decode([i]) for i in inputs["input_ids"][0].tolist()],
+        "tokens": token_strings(tokenizer, inputs["input_ids"][0]),
         "layers": layers,
         "heads": heads,
         "patterns": [attentions[layer][0, heads].float().tolist() for layer in layers],

@@ -11,7 +11,7 @@ def attribution_patching(model, tokenizer, clean: str, corrupted: str, answer: s
     """
     import torch
 
-    from ._arch import arch, normalize, patch_columns, prompt_pair
+    from ._arch import arch, normalize, patch_columns, prompt_pair, token_strings
 
     a = arch(model)
     layers = a.layers(layers)
@@ -45,7 +45,7 @@ def attribution_patching(model, tokenizer, clean: str, corrupted: str, answer: s
         "layers": layers,
         "positions": labels,
         "component": component,
-        "tokens": [tokenizer.decode([i]) for i in ids_clean[0].tolist()],
+        "tokens": token_strings(tokenizer, ids_clean[0]),
         "clean_logit_diff": clean_diff,
         "corrupted_logit_diff": corrupted_diff,
     }

@@ -14,7 +14,7 @@ def logit_lens(model, tokenizer, text: str, layers: list[int] | None = None, pos
     """
     import torch
 
-    from ._arch import arch, encode, positions as check_positions, token_id, top_tokens
+    from ._arch import arch, encode, positions as check_positions, token_id, token_strings, top_tokens
 
     a = arch(model)
     layers = a.layers(layers)
@@ -29,9 +29,9 @@ def logit_lens(model, tokenizer, text: str, layers: list[int] | None = None, pos
         probs = a.unembed(model, hidden).float().softmax(-1)
     target_ids = {t: token_id(tokenizer, t) for t in targets or []}
     return {
-        "tokens": [tokenizer.decode([i]) for i in ids[0].tolist()],
+        "tokens": token_strings(tokenizer, ids[0]),
         "layers": layers,
         "positions": pos,
-        "top": [[top_tokens(tokenizer, probs[i, j], top_k) for j in range(len(pos))] for i in range(len(layers))],
+        "top": top_tokens(tokenizer, probs, top_k),
         "target_probs": {t: probs[:, :, tid].tolist() for t, tid in target_ids.items()},
     }

@@ -15,7 +15,7 @@ def patchscope(model, tokenizer, source_text: str, source_layer: int, source_pos
     """
     import torch
 
-    from ._arch import arch, encode, positions, top_tokens
+    from ._arch import arch, encode, positions, token_strings, top_tokens
 
     a = arch(model)
     (source_layer,) = a.layers(source_layer)
@@ -23,7 +23,7 @@ def patchscope(model, tokenizer, source_text: str, source_layer: int, source_pos
     source = encode(model, tokenizer, source_text)["input_ids"]
     (src_pos,) = positions(source.shape[1], source_position)
     target = encode(model, tokenizer, target_prompt)
-    tokens = [tokenizer.decode([i]) for i in target["input_ids"][0].tolist()]
+    tokens = token_strings(tokenizer, target["input_ids"][0])
     if target_position is None:
         marks = [i for i, t in enumerate(tokens) if t.strip() == "?"]
         target_position = marks[-1] if marks else -1

@@ -11,15 +11,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
 import nbformat
-import pytest
 from conftest import ROOT
 from mcp import ClientSession
-from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from scribe_mcp import connect
 
 SERVER = str(ROOT / "scribe_mcp.py")
 FRANCE_TECHNIQUE = '''
@@ -39,14 +38,8 @@ def server_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("SCRIBE_")}
 
 
-@asynccontextmanager
-async def scribe(nbdir: Path, *args: str):
-    params = StdioServerParameters(command=sys.executable, args=[SERVER, "--notebook-dir", str(nbdir), *args],
-                                   env=server_env())
-    async with stdio_client(params) as (read, write):
-        async with ClientSession(read, write) as session:
-            await session.initialize()
-            yield session
+def scribe(nbdir: Path, *args: str):
+    return connect("--notebook-dir", str(nbdir), *args, env=server_env())
 
 
 async def call(session: ClientSession, tool: str, **arguments):
