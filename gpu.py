@@ -77,18 +77,9 @@ class ModelSpec:
     model: str = ""  # "" = the embedded SmolLM2; else a HF id, a local folder or a .gguf file
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto", "float32", "bfloat16", "float16"
-    cache_dir: str = ""  # where converted GGUF models go; "" = ~/.cache/scribe
+    cache_dir: str = ""  # where converted GGUF models go; "" = $SCRIBE_CACHE_DIR or ~/.cache/scribe
     adapter: str = ""  # a PEFT adapter (hub id or folder) applied on top of the model
     remote: str = ""  # "" = run here; "ndif" = nnsight traces run on NDIF; "local" = NDIF dry run
-
-    @classmethod
-    def from_env(cls) -> ModelSpec:
-        return cls(
-            model=os.environ.get("SCRIBE_MODEL", ""),
-            device=os.environ.get("SCRIBE_DEVICE", "auto"),
-            dtype=os.environ.get("SCRIBE_DTYPE", "auto"),
-            cache_dir=os.environ.get("SCRIBE_CACHE_DIR", ""),
-        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -103,8 +94,10 @@ class ModelSpec:
 
 
 def cache_root(spec: ModelSpec) -> Path:
-    base = spec.cache_dir or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "scribe" if not spec.cache_dir else Path(spec.cache_dir)
+    explicit = spec.cache_dir or os.environ.get("SCRIBE_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scribe"
 
 
 # ---------------------------------------------------------------------------

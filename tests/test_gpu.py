@@ -358,3 +358,21 @@ def test_a_model_folder_loads_in_a_private_worker(tmp_path):
 def test_bad_first_argument_is_a_clear_error(client):
     with pytest.raises(TypeError, match="needs a function"):
         client.run("logit_lens")
+
+
+def test_gguf_conversion_from_scratch_honours_the_cache_dir(tmp_path):
+    """What a fresh machine does once: GGUF -> safetensors, here into SCRIBE_CACHE_DIR."""
+    import hashlib
+
+    env = {**os.environ, "SCRIBE_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", "import gpu; print(gpu.resolve_model_path(gpu.ModelSpec()))"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    fresh = out.stdout.strip().splitlines()[-1]
+    assert fresh.startswith(str(tmp_path)), out.stderr[-2000:]
+    default = gpu.resolve_model_path(gpu.ModelSpec())
+
+    def digest(folder):
+        return hashlib.sha256(open(os.path.join(folder, "model.safetensors"), "rb").read()).hexdigest()
+
+    assert digest(fresh) == digest(default)
+    assert not [p for p in tmp_path.rglob(".tmp-*")]  # the temporary folder was renamed into place
