@@ -279,7 +279,8 @@ def dumps_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
         ) from exc
     sources = {name: linecache.getlines(name) for name in pickler.filenames}
     return pickle.dumps(
-        {"py": sys.version_info[:2], "sources": sources, "call": buf.getvalue()},
+        {"py": sys.version_info[:2], "cloudpickle": cloudpickle.__version__, "sources": sources,
+         "call": buf.getvalue()},
         protocol=pickle.HIGHEST_PROTOCOL,
     )
 
@@ -291,6 +292,11 @@ def loads_call(payload: bytes) -> tuple[Callable, tuple, dict]:
             f"Python version mismatch: the notebook runs Python {'.'.join(map(str, envelope['py']))} "
             f"but the worker runs {sys.version_info.major}.{sys.version_info.minor}; functions "
             "can only be shipped between identical Python minor versions."
+        )
+    if envelope["cloudpickle"].split(".")[:2] != cloudpickle.__version__.split(".")[:2]:
+        raise RuntimeError(
+            f"cloudpickle version mismatch: the notebook has {envelope['cloudpickle']}, the worker "
+            f"{cloudpickle.__version__}; install the same version on both sides."
         )
     for name, lines in envelope["sources"].items():
         if lines and linecache.cache.get(name, (None, None, None))[2] != lines:
@@ -361,6 +367,11 @@ def to_plain(value: Any, where: str = "result") -> Any:
 
 class CallCancelled(BaseException):
     """Raised inside a running call when its client timed out or went away."""
+
+
+def _cancelled_reply() -> dict:
+    return {"ok": False, "cancelled": True, "type": "TimeoutError", "builtin": True,
+            "message": "the call was interrupted", "traceback": ""}
 
 
 class _Emitter(io.TextIOBase):
@@ -438,8 +449,7 @@ class Executor:
                     err.flush()
             reply = {"ok": True, "value": pickle.dumps(to_plain(value), protocol=pickle.HIGHEST_PROTOCOL)}
         except CallCancelled:
-            reply = {"ok": False, "cancelled": True, "type": "TimeoutError", "builtin": True,
-                     "message": "the call was interrupted", "traceback": ""}
+            reply = _cancelled_reply()
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             reply = describe_exception(exc)
         finally:
@@ -558,8 +568,7 @@ class Worker:
             try:
                 reply = executor.execute(payload, lambda s, t: conn.send({"op": "out", "id": call_id, "stream": s, "text": t}))
             except CallCancelled:  # the interrupt landed between the call and its reply
-                reply = {"ok": False, "cancelled": True, "type": "TimeoutError", "builtin": True,
-                         "message": "the call was interrupted", "traceback": ""}
+                reply = _cancelled_reply()
             with self.ready:
                 self.running = self.cancel_target = None
             conn.send({"op": "result", "id": call_id, **reply})
@@ -623,16 +632,16 @@ class WorkerDiedError(RuntimeError):
 
 def start_worker(spec: ModelSpec, socket_path: str, owner_pid: int) -> subprocess.Popen:
     """Spawn a worker process (no waiting). It exits by itself when owner_pid exits."""
-    log = open(socket_path + ".log", "ab")
     env = dict(os.environ)
     here = str(Path(__file__).resolve().parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
-    return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--socket", socket_path,
-         "--owner", str(owner_pid), "--spec", spec.to_json()],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-        start_new_session=True,  # Ctrl-C in the user's terminal is not meant for the worker
-    )
+    with open(socket_path + ".log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--socket", socket_path,
+             "--owner", str(owner_pid), "--spec", spec.to_json()],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+            start_new_session=True,  # Ctrl-C in the user's terminal is not meant for the worker
+        )
 
 
 def _try_connect(socket_path: str) -> socket.socket | None:

@@ -22,9 +22,10 @@ def logit_lens(model, tokenizer, text: str, layers: list[int] | None = None, pos
     pos = check_positions(ids.shape[1], positions)
     saved = {}
     with torch.no_grad():
-        with model.trace(ids):
+        with model.trace(ids) as tracer:
             for layer in sorted(set(layers)):  # modules must be read in execution order
                 saved[layer] = a.layer(model, layer).output.save()
+            tracer.stop()  # the model's own head would unembed every position: skip it
         hidden = torch.stack([saved[layer][0, pos] for layer in layers])  # [L, P, D]
         probs = a.unembed(model, hidden).float().softmax(-1)
     target_ids = {t: token_id(tokenizer, t) for t in targets or []}

@@ -15,9 +15,10 @@ def _collect(model, tokenizer, texts, layers, position):
     inputs = encode(model, tokenizer, list(texts))
     saved = {}
     with torch.no_grad():
-        with model.trace(inputs["input_ids"], attention_mask=inputs["attention_mask"]):
+        with model.trace(inputs["input_ids"], attention_mask=inputs["attention_mask"]) as tracer:
             for layer in sorted(set(layers)):
                 saved[layer] = a.layer(model, layer).output.save()
+            tracer.stop()  # nothing past the last layer we read is needed
     stacked = torch.stack([saved[layer] for layer in layers], 1).float()  # [N, L, T, D]
     if position == "mean":
         mask = inputs["attention_mask"][:, None, :, None].float()

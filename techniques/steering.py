@@ -60,7 +60,8 @@ def steering_vector(model, tokenizer, positive: list[str], negative: list[str], 
     for texts in (positive, negative):
         inputs = encode(model, tokenizer, list(texts))
         with torch.no_grad():
-            with model.trace(inputs["input_ids"], attention_mask=inputs["attention_mask"]):
+            with model.trace(inputs["input_ids"], attention_mask=inputs["attention_mask"]) as tracer:
                 hidden = a.layer(model, layer).output.save()
+                tracer.stop()  # nothing past this layer is needed
         means.append(hidden[:, -1].float().mean(0))  # left padding: -1 is each prompt's last token
     return (means[0] - means[1]).tolist()

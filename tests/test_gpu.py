@@ -325,6 +325,9 @@ def test_python_version_mismatch_is_refused_clearly():
     envelope["py"] = (3, 99)
     with pytest.raises(RuntimeError, match="Python version mismatch: the notebook runs Python 3.99"):
         gpu.loads_call(pickle.dumps(envelope))
+    envelope["py"], envelope["cloudpickle"] = sys.version_info[:2], "1.0.0"
+    with pytest.raises(RuntimeError, match="cloudpickle version mismatch: the notebook has 1.0.0"):
+        gpu.loads_call(pickle.dumps(envelope))
 
 
 def test_model_resolution_errors_name_the_problem(tmp_path):
