@@ -254,11 +254,16 @@ class Session:
         if self.km is not None:
             self.km.interrupt_kernel()
 
-    def shutdown(self) -> None:
-        with self.lock:
+    def shutdown(self, wait: float = 10.0) -> None:
+        """Final save, kernel stopped. A cell still running after `wait` seconds is cut off."""
+        owned = self.lock.acquire(timeout=wait)
+        try:
             self.file.save()
             self.stop_kernel()
             shutil.rmtree(self._runtime, ignore_errors=True)
+        finally:
+            if owned:
+                self.lock.release()
 
     # -- cells ----------------------------------------------------------
 
@@ -465,6 +470,9 @@ class SessionManager:
 
     def shutdown_all(self) -> None:
         self._closed.set()
+        for session in list(self.sessions.values()):  # running cells end now, not at their timeout
+            with contextlib.suppress(Exception):
+                session.interrupt()
         for session_id in list(self.sessions):
             with contextlib.suppress(SessionError):
                 self.shutdown(session_id)

@@ -132,6 +132,7 @@ class Scribe:
             print(f"[scribe] model worker failed to start: {exc}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Save every notebook, stop every kernel and the worker (safe to call twice)."""
         self.sessions.shutdown_all()
         gpu.stop_worker(self.socket_path)
 
@@ -375,18 +376,22 @@ def print_config() -> None:
     print(json.dumps({"mcpServers": {"scribe": {"command": command[0], "args": command[1:]}}}, indent=2))
 
 
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.print_config:
         print_config()
         return
     scribe = Scribe(args)
-    # SIGTERM unwinds like Ctrl-C so kernels and the worker stop and notebooks are saved.
-    signal.signal(signal.SIGTERM, _interrupt)
+
+    def terminate(*_) -> None:
+        # The MCP SDK's event loop does not unwind on a signal: clean up from a thread, then leave.
+        def close_and_exit() -> None:
+            scribe.close()
+            os._exit(0)
+
+        threading.Thread(target=close_and_exit, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         mcp = build_server(scribe)
         if args.transport == "http":

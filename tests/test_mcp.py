@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -276,3 +277,40 @@ def test_server_process_stays_light_and_prints_config():
     for flag in ("--model", "--notebook-dir", "--device", "--dtype", "--preload", "--cell-timeout",
                  "--output-limit", "--transport", "--host", "--port"):
         assert flag in helptext
+
+
+def test_sigterm_saves_notebooks_and_stops_everything(tmp_path):
+    nbdir = tmp_path / "nb-sigterm"
+    proc = subprocess.Popen([sys.executable, SERVER, "--notebook-dir", str(nbdir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=server_env())
+
+    def rpc(message: dict) -> dict | None:
+        proc.stdin.write((json.dumps({"jsonrpc": "2.0", **message}) + "\n").encode())
+        proc.stdin.flush()
+        if "id" not in message:
+            return None
+        while True:
+            reply = json.loads(proc.stdout.readline())
+            if reply.get("id") == message["id"]:
+                return reply
+
+    rpc({"id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                                                     "clientInfo": {"name": "raw", "version": "0"}}})
+    rpc({"method": "notifications/initialized"})
+
+    def tool(i, name, **arguments):
+        return rpc({"id": i, "method": "tools/call", "params": {"name": name, "arguments": arguments}})["result"]
+
+    sid = tool(2, "start_new_session")["structuredContent"]["session_id"]
+    tool(3, "execute_code", session_id=sid, code="from gpu import InterpClient\nclient = InterpClient()")
+    pids = tool(4, "execute_code", session_id=sid,
+                code="import os\nprint(os.getpid(), client.run(lambda model, tokenizer: __import__('os').getpid()))")
+    kernel_pid, worker_pid = map(int, pids["structuredContent"]["output"].split())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) is not None
+    deadline = time.monotonic() + 10
+    while pids_alive([kernel_pid, worker_pid]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pids_alive([kernel_pid, worker_pid]) == []
+    nb = nbformat.read(next(nbdir.glob("*.ipynb")), as_version=4)
+    assert len(nb.cells) == 2 and nb.cells[1].outputs
