@@ -275,3 +275,27 @@ def test_cell_json_cache_keeps_the_file_identical_to_nbformat(sessions):
     s.add_markdown("b")
     s.edit_cell("print('c')", 0)
     assert nbformat.reads(s.path.read_text(), as_version=4) == s.file.nb
+
+
+def test_long_cells_are_saved_while_they_run(sessions, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(kernel, "SAVE_EVERY", 0.5)
+    s = sessions.start_new("long-running")
+    s.execute("x = 1")
+    seen = []
+
+    def watch():
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not seen:
+            cells = saved(s.path).cells
+            if len(cells) == 2 and "halfway" in "".join(o.get("text", "") for o in cells[1].outputs):
+                seen.append(time.monotonic())
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    start = time.monotonic()
+    s.execute("import time\nprint('halfway', flush=True)\ntime.sleep(2.5)\nprint('done')")
+    watcher.join()
+    assert seen and seen[0] - start < 2.4  # on disk before the cell finished
