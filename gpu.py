@@ -79,6 +79,9 @@ class ModelSpec:
     dtype: str = "auto"  # "auto", "float32", "bfloat16", "float16"
     cache_dir: str = ""  # where converted GGUF models go; "" = $SCRIBE_CACHE_DIR or ~/.cache/scribe
     adapter: str = ""  # a PEFT adapter (hub id or folder) applied on top of the model
+    # "eager" so `output_attentions=True` returns weights, as agents' reference code expects;
+    # "sdpa" is faster on long contexts but silently returns no attentions.
+    attn_implementation: str = "eager"
     remote: str = ""  # "" = run here; "ndif" = nnsight traces run on NDIF; "local" = NDIF dry run
 
     def to_json(self) -> str:
@@ -191,7 +194,8 @@ def load_model(spec: ModelSpec):
     # device_map="auto" spreads a model that is bigger than one GPU over all of them.
     device_map = "auto" if (spec.device == "auto" and cuda) else device
     tokenizer = AutoTokenizer.from_pretrained(path)
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map,
+                                                    attn_implementation=spec.attn_implementation)
     if spec.adapter:
         try:
             from peft import PeftModel
@@ -1013,8 +1017,9 @@ class InterpClient:
     """
 
     def __init__(self, model: str | None = None, *, mode: str | None = None, device: str = "auto",
-                 dtype: str = "auto", adapter: str = "", timeout: float = DEFAULT_CALL_TIMEOUT,
-                 preload: bool = True, dry_run: bool = False, **modal_options):
+                 dtype: str = "auto", adapter: str = "", attn_implementation: str = "eager",
+                 timeout: float = DEFAULT_CALL_TIMEOUT, preload: bool = True, dry_run: bool = False,
+                 **modal_options):
         """model: HF id, local folder or .gguf (default: the server's model, else the embedded one).
 
         mode: "local" (a worker process on this machine), "modal" or "ndif"; default
@@ -1031,8 +1036,8 @@ class InterpClient:
         self.timeout = timeout
         self._lock = threading.Lock()
         shared = os.environ.get(ENV_SPEC) if model is None and self.mode == server_mode else None
-        spec = ModelSpec.from_json(shared) if shared else ModelSpec(model=model or "", device=device,
-                                                                    dtype=dtype, adapter=adapter)
+        spec = ModelSpec.from_json(shared) if shared else ModelSpec(
+            model=model or "", device=device, dtype=dtype, adapter=adapter, attn_implementation=attn_implementation)
         if self.mode == "modal":
             self.backend = ModalBackend(spec, ModalConfig.from_env(**modal_options), dry_run)
         else:

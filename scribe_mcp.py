@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where client.run executes: local (a worker process on this machine), modal "
                         "(Modal GPUs; configure with SCRIBE_MODAL_GPU etc., see README) or ndif (NDIF's "
                         "cluster, nnsight traces only; needs NDIF_API_KEY) [SCRIBE_MODE]")
+    p.add_argument("--attn-implementation", default=_env("ATTN_IMPLEMENTATION", "eager"),
+                   help="eager (default: output_attentions=True works) or sdpa (faster on long prompts, "
+                        "but returns no attention weights) [SCRIBE_ATTN_IMPLEMENTATION]")
     p.add_argument("--adapter", default=_env("ADAPTER", ""),
                    help="a PEFT adapter (hub id or folder) applied on top of the model [SCRIBE_ADAPTER]")
     p.add_argument("--notebook-dir", default=_env("NOTEBOOK_DIR", "notebooks"),
@@ -113,6 +116,7 @@ class Scribe:
 
     def __init__(self, args: argparse.Namespace):
         self.spec = gpu.ModelSpec(model=args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
+                                  attn_implementation=args.attn_implementation,
                                   remote="ndif" if args.mode == "ndif" else "")
         self.mode = args.mode
         self.socket_path = os.path.join(tempfile.mkdtemp(prefix="scribe-"), "worker.sock")

@@ -178,7 +178,8 @@ def plain_baselines(reps: int, grid_reps: int) -> tuple[list, list]:
 
     path = gpu.resolve_model_path(gpu.ModelSpec())
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # The worker's attention implementation, so both sides do the same arithmetic.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     france = tok("The capital of France is", return_tensors="pt")
     clean = tok("The Eiffel Tower is located in the city of", return_tensors="pt")["input_ids"]
     corrupted = tok("The Colosseum is located in the city of", return_tensors="pt")["input_ids"]

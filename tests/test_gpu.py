@@ -135,6 +135,17 @@ def test_reference_examples_from_a_kernel(kernel_session):
     assert lens[-1]["top_token"] == " Paris"
 
 
+def test_reference_attention_example_returns_weights(client):
+    """The reference prompt's first example asks for output_attentions: it must not come back empty."""
+    def my_technique(model, tokenizer, text):
+        inputs = tokenizer(text, return_tensors="pt").to(model.device)
+        outputs = model(**inputs, output_attentions=True)
+        return outputs.attentions
+
+    attentions = client.run(my_technique, text="Hello world")
+    assert len(attentions) == 30 and attentions[0].shape == (1, 9, 2, 2)
+
+
 def test_nnsight_trace_from_a_kernel_matches_model_logits(kernel_session):
     run_ok(kernel_session, '''
 def nnsight_lens(model, tokenizer, text):

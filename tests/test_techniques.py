@@ -135,8 +135,8 @@ def test_attention_patterns_are_causal_distributions(client):
     assert patterns.shape == (3, 2, 5, 5) and result["tokens"][-1] == " is"
     np.testing.assert_allclose(patterns.sum(-1), 1.0, atol=1e-5)
     assert np.abs(np.triu(patterns, k=1)).max() == 0
-    # The switch to eager attention was undone: fused attention again for everyone else.
-    assert client.run(lambda model, tokenizer: model._module.config._attn_implementation) == "sdpa"
+    # Whatever the worker was loaded with is back in place after the call.
+    assert client.run(lambda model, tokenizer: model._module.config._attn_implementation) == "eager"
     with pytest.raises(ValueError, match="9 heads"):
         client.run(T.attention_patterns, text=FRANCE, heads=[9])
 
@@ -150,7 +150,7 @@ def test_direct_logit_attribution_sums_to_the_logit_difference(client):
 
 def test_ablation(client):
     nothing = client.run(T.ablation, text=FRANCE, answer=" Paris", wrong_answer=" Rome", components=[])
-    assert nothing["change"] == 0.0
+    assert nothing["change"] == pytest.approx(0.0, abs=1e-4)
     zeroed = client.run(T.ablation, text=FRANCE, answer=" Paris", components=["L0.mlp", "L1.mlp", "L2.mlp"])
     assert zeroed["metric_before"] == pytest.approx(np.log(0.77), abs=0.1) and zeroed["change"] < -1
     head = client.run(T.ablation, text=FRANCE, answer=" Paris", wrong_answer=" Rome", components=["L3.H2"],
@@ -198,7 +198,7 @@ def test_techniques_work_on_a_tiny_gpt2(tiny_gpt2):
     assert dla["total"] == pytest.approx(dla["logit_diff"], abs=1e-3)  # LayerNorm with bias: norm_bias term
     patterns = np.array(T.attention_patterns(model, tok, FRANCE)["patterns"])
     np.testing.assert_allclose(patterns.sum(-1), 1.0, atol=1e-5)
-    assert T.ablation(model, tok, FRANCE, " Paris", components=[])["change"] == 0.0
+    assert T.ablation(model, tok, FRANCE, " Paris", components=[])["change"] == pytest.approx(0.0, abs=1e-4)
     assert T.ablation(model, tok, FRANCE, " Paris", components=["L1.H3", "L2.attn"])["change"] != 0.0
     steered = T.steering(model, tok, "Hi", vector=[0.0] * 64, layers=1, alpha=1.0, max_new_tokens=5, chat=False)
     assert steered["steered"] == steered["baseline"]
