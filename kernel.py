@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import struct
 import sys
 import tempfile
@@ -245,10 +246,22 @@ class Session:
         self.km = self.kc = None
 
     def restart(self) -> None:
-        """A fresh kernel on the same notebook; every cell stays on disk."""
-        with self.lock:
+        """A fresh kernel on the same notebook; every cell stays on disk.
+
+        If a cell is running, its kernel is killed first: the cell reports the death and lets go.
+        """
+        if not self.lock.acquire(timeout=0.1):
+            # KernelManager is not thread-safe: kill the process and let the cell's thread notice.
+            pid = getattr(getattr(self.km, "provisioner", None), "pid", None)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.lock.acquire()
+        try:
             self.stop_kernel()
             self.start_kernel()
+        finally:
+            self.lock.release()
 
     def interrupt(self) -> None:
         if self.km is not None:

@@ -299,3 +299,18 @@ def test_long_cells_are_saved_while_they_run(sessions, monkeypatch):
     s.execute("import time\nprint('halfway', flush=True)\ntime.sleep(2.5)\nprint('done')")
     watcher.join()
     assert seen and seen[0] - start < 2.4  # on disk before the cell finished
+
+
+def test_restart_unblocks_a_wedged_cell(sessions):
+    import threading
+
+    s = sessions.start_new("wedged")
+    results = []
+    runner = threading.Thread(target=lambda: results.append(s.execute("import time\ntime.sleep(60)")))
+    runner.start()
+    time.sleep(1.5)
+    start = time.monotonic()
+    s.restart()
+    runner.join(10)
+    assert time.monotonic() - start < 10 and results and results[0].status == "died"
+    assert s.execute("'fresh'").text == "Out[1]: 'fresh'\n"
