@@ -53,7 +53,8 @@ model is loaded once and stays warm. Define `fn` in a notebook cell; import torc
 heavy libraries INSIDE the function (the notebook kernel stays light). `model` is the Hugging \
 Face model wrapped in nnsight: plain calls (`model(**inputs)`, `model.generate(...)`, \
 `model.lm_head`) work, and so do nnsight traces (`with model.trace(text): h = \
-model.model.layers[5].output.save()`). Return plain values (str, numbers, lists, dicts); tensors \
+model.model.layers[5].output.save()`; inside a trace build lists with a for loop, since names \
+assigned by a list comprehension in the block are lost). Return plain values (str, numbers, lists, dicts); tensors \
 come back as numpy arrays. What `fn` prints shows in the cell; its exceptions are raised in the \
 cell with the worker's traceback; `client.run(fn, timeout=60, ...)` bounds a call. Ready-made \
 techniques: `from techniques import logit_lens` then `client.run(logit_lens, text=...)`.\
@@ -401,6 +402,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.transport == "http":
             serve_http(mcp, args.host, args.port)
         else:
+            if sys.stdin.isatty():  # a person started it by hand: say what it is waiting for
+                print(f"[scribe] MCP server on stdio with {scribe.spec.display_name}, waiting for an MCP "
+                      "client; connect an agent with `python scribe_mcp.py --print-config claude`. "
+                      "Ctrl-C stops it.", file=sys.stderr, flush=True)
             mcp.run()
     except KeyboardInterrupt:
         pass

@@ -390,3 +390,13 @@ def test_gguf_conversion_from_scratch_honours_the_cache_dir(tmp_path):
 
     assert digest(fresh) == digest(default)
     assert not [p for p in tmp_path.rglob(".tmp-*")]  # the temporary folder was renamed into place
+
+
+def test_interrupting_the_cell_stops_the_call_in_the_worker(kernel_session):
+    """A cell timeout (kernel interrupt) during client.run must not leave the worker busy."""
+    run_ok(kernel_session, "def forever(model, tokenizer):\n    import time\n    while True:\n        time.sleep(0.05)")
+    result = kernel_session.execute("client.run(forever)", timeout=2)
+    assert result.status == "timeout" and "KeyboardInterrupt" in result.text
+    start = time.monotonic()
+    assert "'still warm'" in run_ok(kernel_session, "client.run(lambda model, tokenizer: 'still warm')")
+    assert time.monotonic() - start < 3
