@@ -156,6 +156,9 @@ class NotebookFile:
     def __init__(self, path: Path, nb: nbformat.NotebookNode):
         self.path, self.nb = path, nb
         self._cell_json: dict[int, str] = {}
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed midway
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
     def changed(self, cell) -> None:
         self._cell_json.pop(id(cell), None)

@@ -267,6 +267,12 @@ def test_killing_the_owner_mid_write_leaves_a_valid_notebook(tmp_path):
     finished = [c for c in nb.cells if c.outputs]
     assert len(finished) >= len(nb.cells) - 1  # every finished cell kept its output
     assert all(c.outputs[0]["text"].startswith(f"cell {i}") for i, c in enumerate(finished))
+    m = kernel.SessionManager(nbdir)
+    try:
+        resumed, _ = m.resume(path.name)  # reopening also clears temp files a killed save left
+        assert not list(nbdir.glob(".*.tmp"))
+    finally:
+        m.shutdown_all()
 
 
 def test_cell_json_cache_keeps_the_file_identical_to_nbformat(sessions):
