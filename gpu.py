@@ -417,7 +417,8 @@ class Executor:
         import torch
 
         self.model, self.tokenizer = model, tokenizer
-        self._tables = [t for m in getattr(model, "_module", model).modules() for t in _hook_tables(m, "_")]
+        self._raw = getattr(model, "_module", model)  # the HF module behind the nnsight wrapper
+        self._tables = [t for m in self._raw.modules() for t in _hook_tables(m, "_")]
         self._tables += _hook_tables(torch.nn.modules.module, "_global_")
         self._baseline = [set(hooks) for hooks, _ in self._tables]
 
@@ -434,10 +435,9 @@ class Executor:
                 if not (getattr(hooks[key], "__module__", None) or "").startswith(_FRAMEWORKS):
                     del hooks[key]
                     for flag in flags:
-                        if isinstance(flag, dict):
-                            flag.pop(key, None)
+                        flag.pop(key, None)
         torch.set_grad_enabled(True)
-        getattr(self.model, "_module", self.model).eval()
+        self._raw.eval()
 
     def execute(self, payload: bytes, emit: Callable[[str, str], None]) -> dict:
         """Run one pickled call. Never raises for the call's own failures: they go in the reply."""

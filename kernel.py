@@ -160,10 +160,10 @@ class NotebookFile:
             with contextlib.suppress(OSError):
                 stale.unlink()
 
-    def changed(self, cell) -> None:
-        self._cell_json.pop(id(cell), None)
-
-    def save(self) -> None:
+    def save(self, changed=None) -> None:
+        """Write the file; `changed` is a cell edited since the last save (its cached JSON is stale)."""
+        if changed is not None:
+            self._cell_json.pop(id(changed), None)
         cells = []
         for cell in self.nb.cells:
             text = self._cell_json.get(id(cell))
@@ -319,25 +319,23 @@ class Session:
 
     def run_all(self) -> dict:
         """Re-run every code cell in order, past errors; a summary of what failed."""
-        failures = []
-        for index, cell in enumerate(self.code_cells):
+        failures, cells = [], self.code_cells
+        for index, cell in enumerate(cells):
             result = self._run(cell, index, None, None)
             if result.status != "ok":
                 err = next((o for o in result.outputs if o.get("output_type") == "error"), None)
                 failures.append({"cell_index": index, "ename": err["ename"] if err else result.status,
                                  "evalue": err["evalue"] if err else ""})
-        return {"cells_run": len(self.code_cells), "errors": failures}
+        return {"cells_run": len(cells), "errors": failures}
 
     def _run(self, cell, index: int, timeout: float | None, on_output) -> CellResult:
         if self.km is None or not self.km.is_alive():
             self.restart()
         timeout = self.manager.cell_timeout if timeout is None else timeout
         cell.outputs, cell.execution_count = [], None
-        self.file.changed(cell)
         msg_id = self.kc.execute(cell.source, allow_stdin=False, stop_on_error=False)
         status, note = self._collect(cell, msg_id, timeout, on_output)
-        self.file.changed(cell)
-        self.file.save()
+        self.file.save(changed=cell)
         self.last_used = time.monotonic()
         text, images = render(cell.outputs, self.manager.output_limit, self.manager.image_max)
         if status == "ok" and any(o.output_type == "error" for o in cell.outputs):
@@ -370,8 +368,7 @@ class Session:
                     return "died", ("\n[The kernel died. A fresh kernel was started: variables from earlier "
                                     "cells are gone, re-run the cells you need]")
                 if now - last_save > SAVE_EVERY:
-                    self.file.changed(cell)
-                    self.file.save()
+                    self.file.save(changed=cell)
                     last_save = now
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:

@@ -158,16 +158,19 @@ def _cell_result(session_id: str, result: kernel.CellResult) -> CallToolResult:
     })
 
 
+def _tool_error(exc: Exception) -> ToolError:
+    """A failure as the sentence the agent reads (a SessionError already is one)."""
+    if isinstance(exc, ToolError):
+        return exc
+    return ToolError(str(exc) if isinstance(exc, kernel.SessionError) else f"{type(exc).__name__}: {exc}")
+
+
 async def _blocking(fn, *args):
     """Run blocking session work in a thread; every failure becomes a readable tool error."""
     try:
         return await anyio.to_thread.run_sync(fn, *args)
-    except kernel.SessionError as exc:
-        raise ToolError(str(exc)) from None
-    except ToolError:
-        raise
     except Exception as exc:
-        raise ToolError(f"{type(exc).__name__}: {exc}") from None
+        raise _tool_error(exc) from None
 
 
 async def _run_cell(ctx: Context, session: kernel.Session, run) -> kernel.CellResult:
@@ -197,10 +200,8 @@ async def _run_cell(ctx: Context, session: kernel.Session, run) -> kernel.CellRe
     except anyio.get_cancelled_exc_class():
         session.interrupt()
         raise
-    if isinstance(outcome[0], kernel.SessionError):
-        raise ToolError(str(outcome[0]))
     if isinstance(outcome[0], Exception):
-        raise ToolError(f"{type(outcome[0]).__name__}: {outcome[0]}")
+        raise _tool_error(outcome[0])
     return outcome[0]
 
 

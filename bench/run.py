@@ -142,26 +142,24 @@ async def bench_sessions(reps: int, tmp: Path) -> None:
         await bench_memory(s, init.structured_content["setup_code"])
 
 
-WARM_LOOP = """
+# Timing inside the kernel (what a notebook user sees), printed back as one JSON line.
+KERNEL_CLOCK = """
 import json, time
-def trivial(model, tokenizer):
-    return 1
-def timings(fn, n):
+def clock(fn, n):
     out = []
     for _ in range(n):
         t = time.perf_counter(); fn(); out.append(round((time.perf_counter() - t) * 1000, 3))
     return out
-print(json.dumps([timings(lambda: client.run(trivial), 100), timings(lambda: trivial(None, None), 100)]))
 """
 
-TECHNIQUE_LOOP = """
-import json, time
+WARM_LOOP = KERNEL_CLOCK + """
+def trivial(model, tokenizer):
+    return 1
+print(json.dumps([clock(lambda: client.run(trivial), 100), clock(lambda: trivial(None, None), 100)]))
+"""
+
+TECHNIQUE_LOOP = KERNEL_CLOCK + """
 from techniques import logit_lens, activation_patching
-def clock(fn, n):
-    out = []
-    for _ in range(n):
-        t = time.perf_counter(); fn(); out.append(round((time.perf_counter() - t) * 1000, 2))
-    return out
 lens = clock(lambda: client.run(logit_lens, text="The capital of France is"), {reps})
 grid = clock(lambda: client.run(activation_patching, clean="The Eiffel Tower is located in the city of",
              corrupted="The Colosseum is located in the city of", answer=" Paris", wrong_answer=" Rome"), {grid_reps})

@@ -69,6 +69,15 @@ class Arch:
             return self.mlp(model, i).output
         raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
 
+    def run_sites(self, model, ids, layers, component: str):
+        """One forward of `ids`: each layer's site activation and the logits (grad mode is the caller's)."""
+        acts = {}
+        with model.trace(ids):
+            for layer in sorted(set(layers)):  # modules must be read in execution order
+                acts[layer] = self.site(model, layer, component).save()
+            logits = model.lm_head.output.save()
+        return acts, logits
+
     def layers(self, layers) -> list[int]:
         """Validated layer indices (negative ones count from the end), in the order given."""
         if layers is None:

@@ -22,13 +22,8 @@ def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: st
     layers = a.layers(layers)
     ids_clean, ids_corrupted, good, bad = prompt_pair(model, tokenizer, clean, corrupted, answer, wrong_answer)
     columns, labels = patch_columns(ids_clean.shape[1], positions)
-    needed = sorted(set(layers))
-    clean_acts = {}
     with torch.no_grad():
-        with model.trace(ids_clean):
-            for layer in needed:
-                clean_acts[layer] = a.site(model, layer, component).save()
-            clean_logits = model.lm_head.output.save()
+        clean_acts, clean_logits = a.run_sites(model, ids_clean, layers, component)
     clean_diff = float(clean_logits[0, -1, good] - clean_logits[0, -1, bad])
 
     # One row per (layer, column); each batch also carries an unpatched corrupted row first.

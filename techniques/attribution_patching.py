@@ -17,21 +17,13 @@ def attribution_patching(model, tokenizer, clean: str, corrupted: str, answer: s
     layers = a.layers(layers)
     ids_clean, ids_corrupted, good, bad = prompt_pair(model, tokenizer, clean, corrupted, answer, wrong_answer)
     columns, labels = patch_columns(ids_clean.shape[1], positions)
-    needed = sorted(set(layers))
-    clean_acts, corrupted_acts = {}, {}
     with torch.no_grad():
-        with model.trace(ids_clean):
-            for layer in needed:
-                clean_acts[layer] = a.site(model, layer, component).save()
-            clean_logits = model.lm_head.output.save()
+        clean_acts, clean_logits = a.run_sites(model, ids_clean, layers, component)
     with torch.enable_grad():
-        with model.trace(ids_corrupted):
-            for layer in needed:
-                corrupted_acts[layer] = a.site(model, layer, component).save()
-            logits = model.lm_head.output.save()
+        corrupted_acts, logits = a.run_sites(model, ids_corrupted, layers, component)
         metric = logits[0, -1, good] - logits[0, -1, bad]
-        grads = torch.autograd.grad(metric, [corrupted_acts[layer] for layer in needed])
-    grad = dict(zip(needed, grads))
+        grads = torch.autograd.grad(metric, list(corrupted_acts.values()))
+    grad = dict(zip(corrupted_acts, grads))
     grid = torch.zeros(len(layers), len(columns))
     for i, layer in enumerate(layers):
         per_position = ((clean_acts[layer] - corrupted_acts[layer].detach()) * grad[layer])[0].sum(-1)
