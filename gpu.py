@@ -33,6 +33,7 @@ import linecache
 import marshal
 import os
 import pickle
+import shutil
 import signal
 import socket
 import struct
@@ -46,7 +47,7 @@ import types
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, TypedDict
 
 import cloudpickle
 
@@ -364,6 +365,16 @@ def to_plain(value: Any, where: str = "result") -> Any:
     return value
 
 
+def dumps_result(value: Any) -> bytes:
+    """A result for the kernel. cloudpickle, like calls: classes and lambdas defined in a cell
+    exist in the worker only by value, so plain pickle cannot name them."""
+    return cloudpickle.dumps(to_plain(value), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads_result(data: bytes) -> Any:
+    return pickle.loads(data)
+
+
 # ---------------------------------------------------------------------------
 # 4. Execution core: the same for the local worker and the Modal container
 # ---------------------------------------------------------------------------
@@ -373,13 +384,26 @@ class CallCancelled(BaseException):
     """Raised inside a running call when its client timed out or went away."""
 
 
-def _cancelled_reply() -> dict:
+class Reply(TypedDict, total=False):
+    """What running one call gives back, from any backend."""
+
+    ok: bool
+    value: bytes  # dumps_result(...) when ok
+    type: str  # the exception's class name when not ok
+    builtin: bool  # a builtin exception type (rebuilt as such in the kernel)
+    message: str
+    traceback: str
+    cancelled: bool  # stopped by a timeout or cancel
+    seconds: float
+
+
+def _cancelled_reply(message: str = "the call was interrupted") -> Reply:
     return {"ok": False, "cancelled": True, "type": "TimeoutError", "builtin": True,
-            "message": "the call was interrupted", "traceback": ""}
+            "message": message, "traceback": ""}
 
 
 class _Emitter(io.TextIOBase):
-    """Stands in for sys.stdout/sys.stderr during a call and forwards text in small batches."""
+    """Forwards one stream of a call's output in small batches."""
 
     def __init__(self, name: str, emit: Callable[[str, str], None]):
         self.name, self._emit, self._buf, self._last = name, emit, [], time.monotonic()
@@ -399,6 +423,29 @@ class _Emitter(io.TextIOBase):
             self._emit(self.name, text)
 
 
+class _Routed(io.TextIOBase):
+    """sys.stdout/stderr during a call: the call's own threads write to its cell.
+
+    Threads that were already running when the call began (left behind by an earlier call)
+    write to the original stream (the worker log), never into another session's cell.
+    """
+
+    def __init__(self, emitter: _Emitter, original, foreign: set[int]):
+        self.emitter, self.original, self.foreign = emitter, original, foreign
+
+    def writable(self) -> bool:
+        return True
+
+    def _target(self):
+        return self.original if threading.get_ident() in self.foreign else self.emitter
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+
 _HOOKS = ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
 # Per-hook flags kept beside the hooks, keyed by the same handle ids.
 _HOOK_FLAGS = ("forward_hooks_with_kwargs", "forward_hooks_always_called", "forward_pre_hooks_with_kwargs")
@@ -410,53 +457,92 @@ def _hook_tables(owner, prefix: str) -> list[tuple[dict, list[dict]]]:
     return [(d, flags) for name in _HOOKS if isinstance(d := getattr(owner, prefix + name, None), dict)]
 
 
+def _torch_globals() -> dict[str, Any]:
+    """Process-wide torch settings a call may change; restored after every call."""
+    import torch
+
+    return {
+        "default_dtype": torch.get_default_dtype(),
+        "grad": torch.is_grad_enabled(),
+        "deterministic": (torch.are_deterministic_algorithms_enabled(),
+                          torch.is_deterministic_algorithms_warn_only_enabled()),
+        "anomaly": (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _set_torch_globals(state: dict[str, Any]) -> None:
+    import torch
+
+    if _torch_globals() == state:
+        return
+    torch.set_default_dtype(state["default_dtype"])
+    torch.set_grad_enabled(state["grad"])
+    torch.use_deterministic_algorithms(state["deterministic"][0], warn_only=state["deterministic"][1])
+    torch.autograd.set_detect_anomaly(*state["anomaly"])
+    torch.set_num_threads(state["threads"])
+
+
 class Executor:
-    """Runs shipped calls on one loaded model and leaves it as it found it."""
+    """Runs shipped calls on one loaded model and leaves it, and torch, as it found them.
+
+    `interruptible` is True exactly while user code runs: a cancel (SIGINT in the worker) may
+    only raise there, never in the bookkeeping around it.
+    """
 
     def __init__(self, model, tokenizer):
         import torch
 
         self.model, self.tokenizer = model, tokenizer
+        self.interruptible = False
+        self.cancel_pending = False
         self._raw = getattr(model, "_module", model)  # the HF module behind the nnsight wrapper
         self._tables = [t for m in self._raw.modules() for t in _hook_tables(m, "_")]
         self._tables += _hook_tables(torch.nn.modules.module, "_global_")
         self._baseline = [set(hooks) for hooks, _ in self._tables]
+        self._globals = _torch_globals()
 
     def _restore(self) -> None:
-        """Remove hooks a call left behind.
+        """Remove hooks a call left behind and put torch's global settings back.
 
         Hooks present at load are kept, and so are the frameworks' own: transformers installs
         its output-recording hooks lazily, on the first `output_hidden_states=True`.
         """
-        import torch
-
         for (hooks, flags), keep in zip(self._tables, self._baseline):
             for key in [k for k in hooks if k not in keep]:
                 if not (getattr(hooks[key], "__module__", None) or "").startswith(_FRAMEWORKS):
                     del hooks[key]
                     for flag in flags:
                         flag.pop(key, None)
-        torch.set_grad_enabled(True)
+        _set_torch_globals(self._globals)
         self._raw.eval()
 
-    def execute(self, payload: bytes, emit: Callable[[str, str], None]) -> dict:
+    def execute(self, payload: bytes, emit: Callable[[str, str], None]) -> Reply:
         """Run one pickled call. Never raises for the call's own failures: they go in the reply."""
         out, err = _Emitter("stdout", emit), _Emitter("stderr", emit)
+        foreign = {t.ident for t in threading.enumerate() if t is not threading.current_thread()}
         start = time.perf_counter()
         try:
             fn, args, kwargs = loads_call(payload)
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                try:
-                    value = fn(self.model, self.tokenizer, *args, **kwargs)
-                finally:
-                    out.flush()
-                    err.flush()
-            reply = {"ok": True, "value": pickle.dumps(to_plain(value), protocol=pickle.HIGHEST_PROTOCOL)}
+            saved = sys.stdout, sys.stderr
+            sys.stdout, sys.stderr = _Routed(out, saved[0], foreign), _Routed(err, saved[1], foreign)
+            try:
+                self.interruptible = True
+                if self.cancel_pending:
+                    raise CallCancelled()
+                value = fn(self.model, self.tokenizer, *args, **kwargs)
+            finally:
+                self.interruptible = False
+                sys.stdout, sys.stderr = saved
+                out.flush()
+                err.flush()
+            reply: Reply = {"ok": True, "value": dumps_result(value)}
         except CallCancelled:
             reply = _cancelled_reply()
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             reply = describe_exception(exc)
         finally:
+            self.interruptible = self.cancel_pending = False
             self._restore()
         reply["seconds"] = time.perf_counter() - start
         return reply
@@ -531,25 +617,40 @@ class _Conn:
             self.open = False  # the client went away; its call's result is simply dropped
 
 
+@dataclass(eq=False)
+class _Call:
+    conn: _Conn
+    id: int
+    payload: bytes
+    who: str  # the caller's label (a session id) for "queued behind ..." messages
+
+
 class Worker:
-    """Serves calls from many clients, one at a time on the model, in arrival order."""
+    """Serves calls from many clients, one at a time on the model, in arrival order.
+
+    Messages to a client, per call: `queued` (with whose call runs now) if it has to wait,
+    `started`, `out` for its prints, then `result` — or `retry` if the worker must restart
+    before the call ran (the client sends it again to the next worker).
+    A cancelled call that has not started is answered at once. A running one gets SIGINT;
+    if it has not stopped CANCEL_GRACE seconds later, the worker exits and its owner starts a
+    fresh one: no call can hold the model forever.
+    """
 
     def __init__(self, spec: ModelSpec, socket_path: str, owner_pid: int):
         self.spec, self.socket_path, self.owner_pid = spec, socket_path, owner_pid
-        self.queue: list[tuple[_Conn, int, bytes]] = []
+        self.queue: list[_Call] = []
         self.ready = threading.Condition()
-        self.running: tuple[_Conn, int] | None = None
-        self.cancel_target: tuple[_Conn, int] | None = None
-        self.cancelled: set[tuple[int, int]] = set()
+        self.running: _Call | None = None
+        self.cancel_target: _Call | None = None
+        self.executor: Executor | None = None
 
     def serve(self) -> None:
         signal.signal(signal.SIGINT, self._on_interrupt)
         signal.signal(signal.SIGTERM, lambda *_: self._exit(0))
         threading.Thread(target=self._watch_owner, daemon=True).start()
         t0 = time.perf_counter()
-        executor = load_executor(self.spec)
-        print(f"[scribe worker] {self.spec.display_name} loaded in {time.perf_counter() - t0:.1f}s",
-              file=sys.stderr, flush=True)
+        self.executor = load_executor(self.spec)
+        print(f"[scribe worker] model loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
@@ -564,15 +665,11 @@ class Worker:
             with self.ready:
                 while not self.queue:
                     self.ready.wait()
-                conn, call_id, payload = self.queue.pop(0)
-                if (id(conn), call_id) in self.cancelled or not conn.open:
-                    self.cancelled.discard((id(conn), call_id))
-                    continue
-                self.running = (conn, call_id)
-            try:
-                reply = executor.execute(payload, lambda s, t: conn.send({"op": "out", "id": call_id, "stream": s, "text": t}))
-            except CallCancelled:  # the interrupt landed between the call and its reply
-                reply = _cancelled_reply()
+                call = self.running = self.queue.pop(0)
+            call.conn.send({"op": "started", "id": call.id})
+            conn, call_id = call.conn, call.id
+            reply = self.executor.execute(call.payload, lambda s, t: conn.send(
+                {"op": "out", "id": call_id, "stream": s, "text": t}))
             with self.ready:
                 self.running = self.cancel_target = None
             conn.send({"op": "result", "id": call_id, **reply})
@@ -588,9 +685,14 @@ class Worker:
             while True:
                 msg = recv_msg(conn.sock)
                 if msg["op"] == "call":
+                    call = _Call(conn, msg["id"], msg["payload"], msg.get("who") or "another client")
                     with self.ready:
-                        self.queue.append((conn, msg["id"], msg["payload"]))
+                        ahead = self.running or (self.queue[0] if self.queue else None)
+                        self.queue.append(call)
                         self.ready.notify()
+                    if ahead is not None:
+                        conn.send({"op": "queued", "id": call.id, "behind": ahead.who,
+                                   "position": len(self.queue)})
                 elif msg["op"] == "cancel":
                     self._cancel(conn, msg["id"])
         except (ConnectionError, OSError, EOFError):
@@ -602,21 +704,46 @@ class Worker:
     def _cancel(self, conn: _Conn, call_id: int | None) -> None:
         """Cancel one call of `conn` (or all of them when call_id is None)."""
         with self.ready:
-            for queued_conn, queued_id, _ in self.queue:
-                if queued_conn is conn and call_id in (None, queued_id):
-                    self.cancelled.add((id(conn), queued_id))
-            if self.running and self.running[0] is conn and call_id in (None, self.running[1]):
-                self.cancel_target = self.running
+            dropped = [c for c in self.queue if c.conn is conn and call_id in (None, c.id)]
+            self.queue = [c for c in self.queue if c not in dropped]
+            running = self.running
+            if running is not None and running.conn is conn and call_id in (None, running.id) \
+                    and self.cancel_target is not running:
+                self.cancel_target = running
+                self.executor.cancel_pending = True
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                watchdog = threading.Timer(CANCEL_GRACE, self._stuck, args=(running,))
+                watchdog.daemon = True
+                watchdog.start()
+        for call in dropped:
+            conn.send({"op": "result", "id": call.id, **_cancelled_reply("the call was cancelled before it started")})
 
     def _on_interrupt(self, *_):
-        if self.cancel_target is not None and self.cancel_target == self.running:
+        if self.executor is not None and self.executor.interruptible and self.cancel_target is self.running:
             raise CallCancelled()
+
+    def _stuck(self, call: _Call) -> None:
+        """A cancelled call ignored the interrupt: hand back the queue and make way for a new worker."""
+        with self.ready:
+            if self.running is not call:
+                return
+            for queued in self.queue:
+                queued.conn.send({"op": "retry", "id": queued.id})
+            call.conn.send({"op": "result", "id": call.id, **_cancelled_reply(
+                f"the call did not stop within {CANCEL_GRACE:g}s of being interrupted, so the model worker "
+                "was restarted (anything it held in memory is gone)")})
+            print("[scribe worker] a cancelled call did not stop: exiting so a fresh worker takes over",
+                  file=sys.stderr, flush=True)
+            self._exit(75)
 
     def _watch_owner(self) -> None:
         while True:
             time.sleep(0.5)
             if not _alive(self.owner_pid):
+                # Our runtime folder (scribe-PID-...) outlived its owner, e.g. after kill -9.
+                folder = os.path.dirname(self.socket_path)
+                if os.path.basename(folder).startswith("scribe-"):
+                    shutil.rmtree(folder, ignore_errors=True)
                 self._exit(0)
 
     def _exit(self, code: int) -> None:
@@ -634,18 +761,25 @@ class WorkerDiedError(RuntimeError):
     """The worker process went away during a call."""
 
 
-def start_worker(spec: ModelSpec, socket_path: str, owner_pid: int) -> subprocess.Popen:
-    """Spawn a worker process (no waiting). It exits by itself when owner_pid exits."""
-    env = dict(os.environ)
+def start_worker(spec: ModelSpec, socket_path: str, owner_pid: int, env: dict | None = None) -> subprocess.Popen:
+    """Spawn a worker process (no waiting). It exits by itself when owner_pid exits.
+
+    The spec travels on stdin, not argv or the environment: /proc/PID/cmdline and environ are
+    readable by anyone running as the same user, and the spec may name a hidden model.
+    The caller reaps the process (wait()).
+    """
+    env = dict(os.environ if env is None else env)
     here = str(Path(__file__).resolve().parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
     with open(socket_path + ".log", "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--socket", socket_path,
-             "--owner", str(owner_pid), "--spec", spec.to_json()],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--socket", socket_path, "--owner", str(owner_pid)],
+            stdin=subprocess.PIPE, stdout=log, stderr=log, env=env,
             start_new_session=True,  # Ctrl-C in the user's terminal is not meant for the worker
         )
+    proc.stdin.write(spec.to_json().encode() + b"\n")
+    proc.stdin.close()
+    return proc
 
 
 def _try_connect(socket_path: str) -> socket.socket | None:
@@ -658,18 +792,35 @@ def _try_connect(socket_path: str) -> socket.socket | None:
         return None
 
 
-def connect_worker(spec: ModelSpec, socket_path: str, owner_pid: int,
+def _log_tail(log_path: str, start: int = 0, lines: int = 15) -> str:
+    with contextlib.suppress(OSError), open(log_path, "rb") as f:
+        f.seek(start)
+        return "\n".join(f.read().decode(errors="replace").strip().splitlines()[-lines:])
+    return ""
+
+
+def connect_worker(spec: ModelSpec | None, socket_path: str, owner_pid: int,
                    timeout: float = WORKER_START_TIMEOUT) -> socket.socket:
     """Connect to the worker at socket_path, starting it first if nobody serves there.
 
-    A lock file makes sure that of many processes finding the worker gone, one starts it
-    and the others wait for it.
+    With spec None the worker belongs to a supervisor (the MCP server): wait for it to come
+    up, or for the error file it writes when the worker cannot start. Otherwise a lock file
+    makes sure that of many processes finding the worker gone, one starts it and the others
+    wait for it.
     """
     sock = _try_connect(socket_path)
     if sock is not None:
         return sock
-    Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
+    if spec is None:
+        while (sock := _try_connect(socket_path)) is None:
+            with contextlib.suppress(OSError), open(socket_path + ".error") as f:
+                raise RuntimeError(f.read())
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the model worker did not come up within {timeout:.0f}s")
+            time.sleep(0.02)
+        return sock
+    Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(socket_path + ".lock", "w") as lock:
         while True:
             try:
@@ -686,14 +837,11 @@ def connect_worker(spec: ModelSpec, socket_path: str, owner_pid: int,
             log_path = socket_path + ".log"
             log_start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
             proc = start_worker(spec, socket_path, owner_pid)
+            threading.Thread(target=proc.wait, daemon=True).start()  # reaped when it exits: no zombie
             while (sock := _try_connect(socket_path)) is None:
                 if proc.poll() is not None:
-                    with open(log_path, "rb") as f:
-                        f.seek(log_start)
-                        tail = f.read().decode(errors="replace").strip().splitlines()[-15:]
-                    raise RuntimeError(
-                        f"the model worker failed to start (exit code {proc.returncode}):\n" + "\n".join(tail)
-                    )
+                    raise RuntimeError(f"the model worker failed to start (exit code {proc.returncode}):\n"
+                                       + _log_tail(log_path, log_start))
                 if time.monotonic() > deadline:
                     proc.kill()
                     raise TimeoutError(f"the model worker did not come up within {timeout:.0f}s")
@@ -701,6 +849,64 @@ def connect_worker(spec: ModelSpec, socket_path: str, owner_pid: int,
             return sock
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class WorkerSupervisor:
+    """The MCP server's one worker: started on demand, reaped, and restarted when it dies.
+
+    Kernels only connect to it (InterpClient waits while it restarts), so the worker always
+    runs with the server's chosen environment (e.g. HF_TOKEN) that kernels never see.
+    """
+
+    def __init__(self, spec: ModelSpec, socket_path: str, env: dict):
+        self.spec, self.socket_path, self.env = spec, socket_path, env
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._closed = False
+
+    def ensure(self) -> None:
+        """Start the worker unless it runs (or is starting); clears an earlier start failure."""
+        with self._lock:
+            if self._proc is not None or self._closed:
+                return
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path + ".error")
+            log = self.socket_path + ".log"
+            start = os.path.getsize(log) if os.path.exists(log) else 0
+            self._proc = start_worker(self.spec, self.socket_path, os.getpid(), self.env)
+            threading.Thread(target=self._watch, args=(self._proc, start), daemon=True).start()
+
+    def _watch(self, proc: subprocess.Popen, log_start: int) -> None:
+        served = False
+        while proc.poll() is None and not served:
+            served = os.path.exists(self.socket_path)
+            time.sleep(0.05)
+        proc.wait()
+        with self._lock:
+            self._proc = None
+            if self._closed:
+                return
+            if not served:  # never came up: say why to whoever waits, and do not loop
+                with open(self.socket_path + ".error", "w") as f:
+                    f.write(f"the model worker failed to start (exit code {proc.returncode}):\n"
+                            + _log_tail(self.socket_path + ".log", log_start))
+                return
+        print(f"[scribe] model worker exited ({proc.returncode}); starting a fresh one", file=sys.stderr, flush=True)
+        self.ensure()
+
+    def stop(self, wait: float = 0.3) -> None:
+        with self._lock:
+            self._closed = True
+            proc = self._proc
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def stop_worker(socket_path: str, timeout: float = 5.0) -> bool:
@@ -890,32 +1096,51 @@ def remote_exception(reply: dict) -> BaseException:
     return exc
 
 
-class LocalBackend:
-    """Talks to a worker process over its Unix socket; restarts it if it has died."""
+class Backend(Protocol):
+    """Where calls run: LocalBackend (a worker process here) or ModalBackend (a Modal container)."""
 
-    def __init__(self, spec: ModelSpec, socket_path: str, owner_pid: int):
-        self.spec, self.socket_path, self.owner_pid = spec, socket_path, owner_pid
+    model_name: str
+
+    def connect(self) -> None: ...
+
+    def call(self, payload: bytes, timeout: float, on_output: Callable[[str, str], None]) -> Reply: ...
+
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """Talks to a worker process over its Unix socket.
+
+    A call's timeout counts from when it starts running, not while it waits behind another
+    session's call. A call that never started (the connection was dead, or the worker had to
+    restart first) is sent again by itself; one that started and lost its worker raises
+    WorkerDiedError.
+    """
+
+    def __init__(self, spec: ModelSpec | None, socket_path: str, owner_pid: int, who: str = ""):
+        self.spec, self.socket_path, self.owner_pid, self.who = spec, socket_path, owner_pid, who
         self.sock: socket.socket | None = None
         self.worker_pid: int | None = None
-        self.model_name = spec.display_name
+        self.model_name = spec.display_name if spec else "the server's model"
         self._ids = 0
 
     def connect(self) -> None:
+        if self.sock is not None and not _peer_closed(self.sock):
+            return
+        self.close()
         for attempt in range(3):
-            if self.sock is not None:
-                return
             sock = connect_worker(self.spec, self.socket_path, self.owner_pid)
             sock.settimeout(WORKER_START_TIMEOUT)
             try:
                 hello = recv_msg(sock)
-            except OSError:  # reached a worker that was just exiting: the next try starts a new one
+            except OSError:  # reached a worker that was just exiting: the next try finds a new one
                 sock.close()
                 time.sleep(0.1 * (attempt + 1))
                 continue
             sock.settimeout(None)
             self.sock, self.worker_pid, self.model_name = sock, hello["pid"], hello["model"]
-        if self.sock is None:
-            raise WorkerDiedError(f"could not reach the model worker at {self.socket_path}")
+            return
+        raise WorkerDiedError(f"could not reach the model worker at {self.socket_path}")
 
     def close(self) -> None:
         if self.sock is not None:
@@ -923,78 +1148,100 @@ class LocalBackend:
                 self.sock.close()
             self.sock = None
 
-    def call(self, payload: bytes, timeout: float, on_output: Callable[[str, str], None]) -> dict:
-        self.connect()
-        self._ids += 1
-        call_id = self._ids
+    def call(self, payload: bytes, timeout: float, on_output: Callable[[str, str], None]) -> Reply:
+        for _ in range(5):
+            self.connect()
+            self._ids += 1
+            reply = self._call_once(self._ids, payload, timeout, on_output)
+            if reply is not None:
+                return reply
+            self.close()  # never started: the next worker gets it
+        raise WorkerDiedError("the model worker kept restarting before the call could start")
+
+    def _call_once(self, call_id: int, payload: bytes, timeout: float, on_output) -> Reply | None:
+        started = False
         try:
-            self._send({"op": "call", "id": call_id, "payload": payload})
-            deadline = time.monotonic() + timeout
-            while (msg := self._recv(deadline)) is not None:
+            try:
+                send_msg(self.sock, {"op": "call", "id": call_id, "payload": payload, "who": self.who})
+            except OSError:
+                return None
+            deadline = None
+            while True:
+                msg = self._recv(deadline)
+                if msg is None:
+                    break  # timed out while running
                 if msg.get("id") != call_id:
                     continue
-                if msg["op"] == "out":
+                op = msg["op"]
+                if op == "started":
+                    started, deadline = True, time.monotonic() + timeout
+                elif op == "queued":
+                    on_output("stderr", f"[client.run: waiting for the model, busy with {msg['behind']}'s call]\n")
+                elif op == "out":
                     on_output(msg["stream"], msg["text"])
-                elif msg["op"] == "result":
+                elif op == "retry":
+                    return None
+                elif op == "result":
                     return msg
-            # Timed out: interrupt the call, and if that does not take, kill the worker.
-            self._send({"op": "cancel", "id": call_id})
-            while (msg := self._recv(time.monotonic() + CANCEL_GRACE)) is not None:
+            # Timed out: interrupt the call; a call that ignores it makes the worker restart itself.
+            send_msg(self.sock, {"op": "cancel", "id": call_id})
+            while (msg := self._recv(time.monotonic() + CANCEL_GRACE + 5)) is not None:
                 if msg.get("id") == call_id and msg["op"] == "result":
-                    msg.update(ok=False, cancelled=True, message=f"the call timed out after {timeout:g}s "
-                               "and was interrupted; the worker is ready for the next call")
+                    if msg.get("cancelled") and not msg.get("message", "").startswith("the call did not stop"):
+                        msg["message"] = (f"the call timed out after {timeout:g}s and was interrupted; "
+                                          "the worker is ready for the next call")
                     return msg
-            self._kill_worker()
-            raise TimeoutError(
-                f"the call timed out after {timeout:g}s and did not stop when interrupted; "
-                "the worker was restarted (anything it held in memory is gone)"
-            )
-        except (KeyboardInterrupt, WorkerDiedError) as exc:
-            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C / kernel interrupt in the notebook
-                with contextlib.suppress(OSError):
-                    send_msg(self.sock, {"op": "cancel", "id": call_id})
+            self._kill_worker()  # not even the worker's own watchdog ran: it is wedged
+            raise TimeoutError(f"the call timed out after {timeout:g}s and the worker did not respond; "
+                               "it was killed and a fresh one starts on the next call")
+        except (ConnectionError, OSError, EOFError) as exc:
+            self.close()
+            if not started:
+                return None
+            raise WorkerDiedError(
+                "the model worker exited during the call (a crash, os._exit or running out of "
+                f"memory: {exc}). A fresh worker starts on the next call."
+            ) from None
+        except KeyboardInterrupt:  # Ctrl-C / kernel interrupt in the notebook
+            with contextlib.suppress(OSError):
+                send_msg(self.sock, {"op": "cancel", "id": call_id})
             self.close()  # a fresh connection next time: no stale replies to skip
             raise
 
-    def _send(self, msg: dict) -> None:
-        try:
-            send_msg(self.sock, msg)
-        except OSError as exc:
-            raise self._died(exc) from None
-
-    def _recv(self, deadline: float) -> dict | None:
-        """The next message, or None once the deadline has passed."""
-        wait = deadline - time.monotonic()
-        if wait <= 0:
-            return None
-        self.sock.settimeout(wait)
+    def _recv(self, deadline: float | None) -> dict | None:
+        """The next message, or None once the deadline (if any) has passed."""
+        if deadline is None:
+            self.sock.settimeout(None)
+        else:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                return None
+            self.sock.settimeout(wait)
         try:
             return recv_msg(self.sock)
         except socket.timeout:
             return None
-        except OSError as exc:
-            raise self._died(exc) from None
-
-    @staticmethod
-    def _died(exc: BaseException) -> WorkerDiedError:
-        return WorkerDiedError(
-            "the model worker exited during the call (a crash, os._exit or running out of "
-            f"memory: {exc}). A fresh worker starts on the next call."
-        )
 
     def _kill_worker(self) -> None:
         self.close()
         if self.worker_pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.worker_pid, signal.SIGKILL)
-            try:
-                os.waitpid(self.worker_pid, 0)  # our own child: reap it
-            except ChildProcessError:  # someone else's: wait until it is gone
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline and _alive(self.worker_pid):
-                    time.sleep(0.02)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and _alive(self.worker_pid):
+                time.sleep(0.02)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the other end hung up (e.g. the worker restarted since our last call)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _alive(pid: int) -> bool:
@@ -1027,32 +1274,15 @@ class InterpClient:
         NDIF traces through nnsight's local simulation of the remote path, on the same model.
         modal_options: fields of ModalConfig (gpu="H100", scaledown_window=600, secret=..., ...).
         """
-        server_mode = os.environ.get("SCRIBE_MODE", "local")
-        self.mode = mode or server_mode
+        self.mode = mode or os.environ.get("SCRIBE_MODE", "local")
         if self.mode not in ("local", "modal", "ndif"):
             raise ValueError(f"unknown mode {self.mode!r}: use 'local', 'modal' or 'ndif'")
         if modal_options and self.mode != "modal":
             raise TypeError(f"{sorted(modal_options)} only apply to mode='modal'")
         self.timeout = timeout
         self._lock = threading.Lock()
-        shared = os.environ.get(ENV_SPEC) if model is None and self.mode == server_mode else None
-        spec = ModelSpec.from_json(shared) if shared else ModelSpec(
-            model=model or "", device=device, dtype=dtype, adapter=adapter, attn_implementation=attn_implementation)
-        if self.mode == "modal":
-            self.backend = ModalBackend(spec, ModalConfig.from_env(**modal_options), dry_run)
-        else:
-            if self.mode == "ndif" and not shared:
-                spec = replace(spec, remote="local" if dry_run else "ndif")
-                if not dry_run and not (spec.model and os.environ.get("NDIF_API_KEY")):
-                    raise RuntimeError("mode='ndif' needs model= a model NDIF serves (e.g. "
-                                       "'meta-llama/Llama-3.1-8B') and an API key in NDIF_API_KEY "
-                                       "(from https://login.ndif.us)")
-            if shared and os.environ.get(ENV_SOCKET):
-                socket_path, owner = os.environ[ENV_SOCKET], int(os.environ.get(ENV_OWNER, os.getpid()))
-            else:
-                socket_path = os.path.join(tempfile.mkdtemp(prefix="scribe-"), "worker.sock")
-                owner = os.getpid()
-            self.backend = LocalBackend(spec, socket_path, owner)
+        options = {"device": device, "dtype": dtype, "adapter": adapter, "attn_implementation": attn_implementation}
+        self.backend = _make_backend(self.mode, model, options, dry_run, modal_options)
         if preload:
             # Load the model while the user writes the first function.
             self._preload = threading.Thread(target=self._connect_quietly, daemon=True)
@@ -1079,7 +1309,7 @@ class InterpClient:
         with self._lock:
             reply = self.backend.call(payload, limit, _print_to)
         if reply["ok"]:
-            return pickle.loads(reply["value"])
+            return loads_result(reply["value"])
         if reply.get("cancelled"):
             raise TimeoutError(reply["message"])
         raise remote_exception(reply)
@@ -1089,6 +1319,28 @@ class InterpClient:
 
     def __repr__(self) -> str:
         return f"<InterpClient mode={self.mode} model={self.model_name!r}>"
+
+
+def _make_backend(mode: str, model: str | None, options: dict, dry_run: bool, modal_options: dict) -> Backend:
+    """The server's worker when running inside Scribe, else a private one (or Modal)."""
+    server = model is None and mode == os.environ.get("SCRIBE_MODE", "local")
+    shared = os.environ.get(ENV_SPEC) if server else None
+    spec = ModelSpec.from_json(shared) if shared else ModelSpec(model=model or "", **options)
+    if mode == "modal":
+        return ModalBackend(spec, ModalConfig.from_env(**modal_options), dry_run)
+    if server and os.environ.get(ENV_SOCKET):
+        # Without a spec the worker is the server's to start: kernels never learn the model's id.
+        return LocalBackend(spec if shared else None, os.environ[ENV_SOCKET],
+                            int(os.environ.get(ENV_OWNER) or os.getpid()),
+                            who=f"session {os.environ.get('SCRIBE_SESSION_ID', '?')}")
+    if mode == "ndif":
+        spec = replace(spec, remote="local" if dry_run else "ndif")
+        if not dry_run and not (spec.model and os.environ.get("NDIF_API_KEY")):
+            raise RuntimeError("mode='ndif' needs model= a model NDIF serves (e.g. "
+                               "'meta-llama/Llama-3.1-8B') and an API key in NDIF_API_KEY "
+                               "(from https://login.ndif.us)")
+    runtime = tempfile.mkdtemp(prefix=f"scribe-{os.getpid()}-")  # removed by the worker when we exit
+    return LocalBackend(spec, os.path.join(runtime, "worker.sock"), os.getpid())
 
 
 def _print_to(stream: str, text: str) -> None:
@@ -1108,9 +1360,9 @@ def _worker_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description="Scribe model worker (started by InterpClient)")
     parser.add_argument("--socket", required=True)
     parser.add_argument("--owner", type=int, required=True)
-    parser.add_argument("--spec", required=True)
     args = parser.parse_args(argv)
-    Worker(ModelSpec.from_json(args.spec), args.socket, args.owner).serve()
+    spec = ModelSpec.from_json(sys.stdin.readline())  # see start_worker: never in argv
+    Worker(spec, args.socket, args.owner).serve()
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 The MCP layer only translates tool calls into `SessionManager` / `Session` calls; this module
 owns the kernels' and notebooks' whole life. It knows nothing about models: the MCP server
-passes environment variables (`kernel_env`) that let code in the kernel find the model worker.
+passes the environment kernels run with (`kernel_env`), which tells code in a kernel where the
+model worker is.
 
 What the agent reads (`CellResult.text`, `.images`) is kept apart from what is saved (the
 cell's outputs in Jupyter's own format), so truncation and downscaling never touch the file.
+Cells are numbered by their position in the notebook (markdown cells count), everywhere.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from queue import Empty
 
 import nbformat
+import zmq
 from jupyter_client import KernelManager
 
 DEFAULT_CELL_TIMEOUT = 600.0
@@ -39,25 +42,77 @@ DEFAULT_IDLE_TIMEOUT = 4 * 3600.0
 INTERRUPT_GRACE = 5.0
 # While a long cell runs, its outputs so far are saved this often.
 SAVE_EVERY = 2.0
+# After the kernel's execute_reply, how long to wait for the trailing `idle` status (it can be
+# lost when IOPub overflows) before the cell counts as finished.
+IDLE_AFTER_REPLY = 0.5
+# Images larger than this are not decoded for the agent (a 20000x20000 PNG is 1.6 GB of pixels).
+IMAGE_PIXELS_MAX = 40_000_000
+# Longest notebook file name we create (file systems refuse names over 255 bytes).
+NAME_MAX = 120
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _PROJECT_DIR = str(Path(__file__).resolve().parent)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class SessionError(Exception):
     """A request that cannot be served; the message says what was wrong and what to do."""
 
 
+class Cancelled(SessionError):
+    """The request was cancelled before it started: nothing ran, nothing changed."""
+
+
 @dataclass
 class CellResult:
     """One executed cell: outputs as saved, plus the compact view an agent reads."""
 
-    cell_index: int  # among code cells
+    cell_index: int  # position in the notebook, markdown cells included
     execution_count: int | None
     outputs: list
-    status: str  # "ok", "error", "timeout", "died"
+    status: str  # "ok", "error", "timeout", "died", "interrupted"
     text: str = ""
     images: list[tuple[str, bytes]] = field(default_factory=list)  # (format, data)
+    notes: list[str] = field(default_factory=list)  # one-line warnings about the run itself
+
+
+class Stop:
+    """Stops a multi-cell run from another thread: between cells, and the running cell is interrupted."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self.session: Session | None = None
+
+    def set(self) -> None:
+        self._event.set()
+        if self.session is not None:
+            self.session.interrupt()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+class Ticket:
+    """One request waiting for its session: cancelled before it starts, it never runs."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.state = "queued"
+
+    def cancel(self) -> bool:
+        """Returns True if the request had not started (it now never will)."""
+        with self._lock:
+            if self.state == "queued":
+                self.state = "cancelled"
+                return True
+            return False
+
+    def start(self) -> None:
+        with self._lock:
+            if self.state == "cancelled":
+                raise Cancelled("cancelled before it ran")
+            self.state = "running"
 
 
 # ---------------------------------------------------------------------------
@@ -65,35 +120,65 @@ class CellResult:
 # ---------------------------------------------------------------------------
 
 
+def collapse_cr(text: str) -> str:
+    """Apply carriage returns the way Jupyter front ends show them: later text overwrites the line.
+
+    A 10,000-step progress bar becomes its last state. Only complete lines are final; callers
+    that stream text keep the unfinished last line raw (see _Stream).
+    """
+    if "\r" not in text:
+        return text
+    lines = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        shown = ""
+        for part in line.split("\r"):
+            shown = part + shown[len(part):]
+        lines.append(shown)
+    return "\n".join(lines)
+
+
 def render(outputs: list, output_limit: int = DEFAULT_OUTPUT_LIMIT,
-           image_max: int = DEFAULT_IMAGE_MAX) -> tuple[str, list[tuple[str, bytes]]]:
-    """Outputs → (text, images). Text over the limit keeps its head and tail."""
-    parts, images = [], []
+           image_max: int = DEFAULT_IMAGE_MAX) -> tuple[str, list[tuple[str, bytes]], list[str]]:
+    """Outputs → (text, images, notes). Text over the limit keeps its head and tail."""
+    parts, images, notes = [], [], []
     for out in outputs:
         kind = out.get("output_type")
         if kind == "stream":
             parts.append(out["text"])
         elif kind == "error":
-            tb = _ANSI.sub("", "\n".join(out.get("traceback", [])))
-            parts.append(f"{out['ename']}: {out['evalue']}\n{tb}\n")
+            parts.append(error_text(out))
         elif kind in ("execute_result", "display_data"):
             data = out.get("data", {})
             image = next((m for m in ("image/png", "image/jpeg") if m in data), None)
+            shown = None
             if image:
-                images.append(downscale(image.split("/")[1], base64.b64decode(data[image]), image_max))
+                try:
+                    shown = downscale(image.split("/")[1], base64.b64decode(data[image]), image_max)
+                except Exception as exc:  # the cell ran; one bad image must not hide its result
+                    notes.append(f"an image could not be shown ({type(exc).__name__}: {exc}); "
+                                 "it is kept in the notebook")
+            if shown is not None:
+                images.append(shown)
                 parts.append(f"[image {len(images)}]\n")
             elif "text/plain" in data:
                 prefix = f"Out[{out['execution_count']}]: " if kind == "execute_result" else ""
                 parts.append(f"{prefix}{data['text/plain']}\n")
-    return truncate("".join(parts), output_limit), images
+    return truncate("".join(parts), output_limit), images, notes
 
 
-def truncate(text: str, limit: int) -> str:
+def error_text(out) -> str:
+    """An error output as `Name: message` plus its traceback, without colour codes."""
+    tb = _ANSI.sub("", "\n".join(out.get("traceback", [])))
+    return f"{out['ename']}: {out['evalue']}\n{tb}\n"
+
+
+def truncate(text: str, limit: int, hint: str = "read_cell shows all of it") -> str:
     if len(text) <= limit:
         return text
     head, tail = text[: limit * 2 // 3], text[-(limit // 3):]
     cut = len(text) - len(head) - len(tail)
-    return f"{head}\n... [{cut} characters cut; the full output is in the notebook] ...\n{tail}"
+    return (f"{head}\n... [{cut} characters cut at offset {len(head)}; the notebook keeps everything, "
+            f"{hint}] ...\n{tail}")
 
 
 def image_size(fmt: str, data: bytes) -> tuple[int, int] | None:
@@ -107,11 +192,15 @@ def downscale(fmt: str, data: bytes, image_max: int) -> tuple[str, bytes]:
     size = image_size(fmt, data)
     if size is not None and max(size) <= image_max:
         return fmt, data
+    if size is not None and size[0] * size[1] > IMAGE_PIXELS_MAX:
+        raise ValueError(f"{size[0]}x{size[1]} pixels is too large to downscale")
     import io
 
     from PIL import Image  # only for images that need it: PIL costs ~50 ms to import
 
     img = Image.open(io.BytesIO(data))
+    if img.size[0] * img.size[1] > IMAGE_PIXELS_MAX:
+        raise ValueError(f"{img.size[0]}x{img.size[1]} pixels is too large to downscale")
     if max(img.size) <= image_max:
         return fmt, data
     img.thumbnail((image_max, image_max))
@@ -160,10 +249,22 @@ class NotebookFile:
             with contextlib.suppress(OSError):
                 stale.unlink()
 
-    def save(self, changed=None) -> None:
-        """Write the file; `changed` is a cell edited since the last save (its cached JSON is stale)."""
+    def save(self, changed=None) -> str | None:
+        """Write the file; `changed` is a cell edited since the last save (its cached JSON is stale).
+
+        Never raises: a failed save (disk full, folder deleted) returns a one-line warning, and
+        the next save writes everything again.
+        """
         if changed is not None:
             self._cell_json.pop(id(changed), None)
+        try:
+            self._write()
+        except Exception as exc:
+            return (f"the notebook could not be saved ({type(exc).__name__}: {exc}); the cell's result "
+                    "is below and saving is tried again after the next cell")
+        return None
+
+    def _write(self) -> None:
         cells = []
         for cell in self.nb.cells:
             text = self._cell_json.get(id(cell))
@@ -173,12 +274,14 @@ class NotebookFile:
         head = {k: v for k, v in self.nb.items() if k != "cells"}
         body = json.dumps(head, sort_keys=True, indent=1, ensure_ascii=False)
         text = body[:-1].rstrip() + ',\n "cells": [\n' + ",\n".join(cells) + "\n ]\n}\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # recreated if someone deleted it
         # Crash-safe: a reader (or a crash) sees the old file or the new one, never half of one.
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp's 0600 is not what users expect
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except BaseException:
@@ -188,6 +291,95 @@ class NotebookFile:
         live = {id(c) for c in self.nb.cells}
         if len(self._cell_json) > len(live):  # forget cells that were removed
             self._cell_json = {k: v for k, v in self._cell_json.items() if k in live}
+
+
+def cell_status(cell) -> str:
+    """What a cell's saved outputs say about its last run."""
+    if cell.cell_type != "code":
+        return cell.cell_type
+    if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+        return "error"
+    return "not run" if cell.get("execution_count") is None else "ok"
+
+
+def outline(nb) -> list[dict]:
+    """Each cell as index, type, first line, status and output size."""
+    rows = []
+    for index, cell in enumerate(nb.cells):
+        lines = [line for line in cell.source.splitlines() if line.strip()]
+        row = {"index": index, "type": cell.cell_type, "first_line": lines[0][:100] if lines else "",
+               "status": cell_status(cell)}
+        if cell.cell_type == "code":
+            row["output_chars"] = len(render(cell.get("outputs", []), sys.maxsize, sys.maxsize)[0])
+        rows.append(row)
+    return rows
+
+
+def outline_text(nb) -> str:
+    """The outline as compact lines, e.g. `3 code ok (120 chars out): client.run(top_token, ...)`."""
+    lines = []
+    for row in outline(nb):
+        if row["type"] == "code":
+            lines.append(f"{row['index']:>3} code {row['status']} ({row['output_chars']} chars out): {row['first_line']}")
+        else:
+            lines.append(f"{row['index']:>3} {row['type']}: {row['first_line']}")
+    return "\n".join(lines)
+
+
+def position(cells: list, index, insert: bool = False) -> int:
+    """A cell position from an index (negative counts from the end), or a clear error."""
+    _check_index(index)
+    n = len(cells) + (1 if insert else 0)
+    if not -n <= index < n:
+        what = "positions" if insert else "indices"
+        raise SessionError(f"cell_index {index} is out of range: this notebook has {len(cells)} cells, "
+                           f"valid {what} are 0..{n - 1} or -{n}..-1" if n else
+                           "cell_index is out of range: this notebook has no cells yet")
+    return index % n
+
+
+def read_cell(nb, index) -> tuple[int, object, str]:
+    """(position, cell, full rendered output text), for reading in slices."""
+    at = position(nb.cells, index)
+    cell = nb.cells[at]
+    return at, cell, render(cell.get("outputs", []), sys.maxsize, sys.maxsize)[0] if cell.cell_type == "code" else ""
+
+
+class _Stream:
+    """One stream output being written: chunks collected in a list and merged once per save.
+
+    Growing the text with += made floods quadratic, the reader fell behind and the kernel
+    dropped messages. Carriage returns are applied to complete lines as they arrive, so a
+    progress bar keeps one line in memory, not every frame of it.
+    """
+
+    COMPACT_AT = 1 << 20
+
+    def __init__(self, output):
+        self.output, self.done, self.raw, self.raw_len = output, [], [], 0
+
+    def add(self, text: str) -> None:
+        self.raw.append(text)
+        self.raw_len += len(text)
+        if self.raw_len > self.COMPACT_AT:
+            self._compact()
+
+    def _compact(self) -> None:
+        raw = "".join(self.raw)
+        end = raw.rfind("\n") + 1
+        if end:
+            self.done.append(collapse_cr(raw[:end]))
+            raw = raw[end:]
+        cr = raw.rfind("\r")
+        if cr > 0:  # the unfinished line: earlier frames are overwritten, keep only the last one raw
+            raw = collapse_cr(raw[:cr]) + raw[cr:]
+        self.raw, self.raw_len = [raw] if raw else [], len(raw)
+        if len(self.done) > 64:
+            self.done = ["".join(self.done)]
+
+    def flush(self) -> None:
+        self._compact()
+        self.output.text = "".join(self.done) + collapse_cr("".join(self.raw))
 
 
 # ---------------------------------------------------------------------------
@@ -203,31 +395,37 @@ class Session:
         self.file = NotebookFile(path, nb)
         self.lock = threading.RLock()
         self.last_used = time.monotonic()
-        self.restored: dict | None = None  # resume/continue: what re-running the cells gave
         self.km: KernelManager | None = None
         self.kc = None
-        self._runtime = Path(tempfile.mkdtemp(prefix=f"scribe-kernel-{session_id}-"))
+        self.closing = False
+        self._runtime = manager.runtime / f"kernel-{session_id}"
 
     @property
     def path(self) -> Path:
         return self.file.path
 
     @property
-    def code_cells(self) -> list:
-        return [c for c in self.file.nb.cells if c.cell_type == "code"]
+    def cells(self) -> list:
+        return self.file.nb.cells
 
     # -- kernel life ------------------------------------------------------
 
     def start_kernel(self) -> None:
-        env = dict(os.environ)
-        env.update(self.manager.kernel_env)
+        env = dict(self.manager.kernel_env)
+        env["SCRIBE_SESSION_ID"] = self.id
         # Cells can `import gpu` and `from techniques import ...` from any notebook folder.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PROJECT_DIR, env.get("PYTHONPATH")]))
         env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-        km = KernelManager(transport="ipc")
-        km.ip = str(self._runtime / "kernel")  # ipc sockets go here, not in the server's cwd
+        self._runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # IPC sockets and the connection file in the server's private folder: no TCP port, no
+        # litter in ~/.local/share/jupyter, and one rmtree cleans everything.
+        km = KernelManager(transport="ipc", ip=str(self._runtime / "k"),
+                           connection_file=str(self._runtime / "connection.json"))
         km.start_kernel(cwd=str(self.path.parent), env=env)
         kc = km.client()
+        # Never drop IOPub messages: the kernel's high-water mark would discard output (and the
+        # final idle status) whenever we fall behind a flood.
+        kc.context.setsockopt(zmq.RCVHWM, 0)
         kc.start_channels()
         try:
             kc.wait_for_ready(timeout=60)
@@ -241,12 +439,19 @@ class Session:
         if self.kc is not None:
             self.kc.stop_channels()
         if self.km is not None:
-            try:
-                self.km.shutdown_kernel(now=True)
-            except Exception:  # already dead: nothing left to stop
-                pass
-            self.km.cleanup_resources()
+            self._kill_kernel()
+            with contextlib.suppress(Exception):
+                self.km.cleanup_resources()
         self.km = self.kc = None
+
+    def _kill_kernel(self) -> None:
+        """SIGKILL the kernel's process group: processes a cell started die with it."""
+        pid = getattr(getattr(self.km, "provisioner", None), "pid", None)
+        if pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)  # the kernel leads its own group (start_new_session)
+            with contextlib.suppress(Exception):
+                self.km.provisioner.process.wait(timeout=2)
 
     def restart(self) -> None:
         """A fresh kernel on the same notebook; every cell stays on disk.
@@ -255,10 +460,7 @@ class Session:
         """
         if not self.lock.acquire(timeout=0.1):
             # KernelManager is not thread-safe: kill the process and let the cell's thread notice.
-            pid = getattr(getattr(self.km, "provisioner", None), "pid", None)
-            if pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            self._kill_kernel()
             self.lock.acquire()
         try:
             self.stop_kernel()
@@ -268,11 +470,23 @@ class Session:
 
     def interrupt(self) -> None:
         if self.km is not None:
-            self.km.interrupt_kernel()
+            with contextlib.suppress(Exception):
+                self.km.interrupt_kernel()
 
-    def shutdown(self, wait: float = 10.0) -> None:
-        """Final save, kernel stopped. A cell still running after `wait` seconds is cut off."""
-        owned = self.lock.acquire(timeout=wait)
+    def shutdown(self, wait: float = 1.0) -> None:
+        """Final save, kernel stopped, within about 2*wait seconds even while a cell runs.
+
+        A running cell is interrupted; if it does not stop within `wait`, its kernel is killed.
+        Either way the cell reports that the shutdown stopped it.
+        """
+        self.closing = True
+        owned = self.lock.acquire(blocking=False)
+        if not owned:
+            self.interrupt()
+            owned = self.lock.acquire(timeout=wait)
+        if not owned:
+            self._kill_kernel()
+            owned = self.lock.acquire(timeout=wait)
         try:
             self.file.save()
             self.stop_kernel()
@@ -283,148 +497,277 @@ class Session:
 
     # -- cells ----------------------------------------------------------
 
-    def execute(self, code: str, timeout: float | None = None, on_output=None) -> CellResult:
-        """Append a code cell, run it, save, and return its result."""
-        if not isinstance(code, str) or not code.strip():
-            raise SessionError("code is empty: pass the Python source to run")
+    @contextlib.contextmanager
+    def _turn(self, ticket: Ticket | None):
+        """This session's lock, unless the request was cancelled or the session closed meanwhile."""
         with self.lock:
+            if ticket is not None:
+                ticket.start()
+            if self.closing:
+                raise SessionError(f"session {self.id} was shut down")
+            yield
+            self.last_used = time.monotonic()
+
+    def execute(self, code: str, timeout: float | None = None, on_output=None, ticket: Ticket | None = None,
+                index: int | None = None) -> CellResult:
+        """Add a code cell (at the end, or at position `index`), run it, save, return its result."""
+        _check_source(code, "code")
+        with self._turn(ticket):
+            position = len(self.cells) if index is None else self._position(index, insert=True)
             cell = nbformat.v4.new_code_cell(code)
-            self.file.nb.cells.append(cell)
+            self.cells.insert(position, cell)
             # Saved when it finishes, or after SAVE_EVERY seconds if it is still running: one
             # write per quick cell keeps cell 500 as cheap as cell 1.
-            return self._run(cell, len(self.code_cells) - 1, timeout, on_output)
+            return self._run(cell, timeout, on_output)
 
-    def edit_cell(self, code: str, cell_index: int = -1, timeout: float | None = None, on_output=None) -> CellResult:
-        """Replace a code cell's source (index among code cells, negative from the end) and re-run it."""
-        with self.lock:
-            cells = self.code_cells
-            if not cells:
+    def edit_cell(self, code: str, cell_index: int = -1, timeout: float | None = None, on_output=None,
+                  ticket: Ticket | None = None) -> CellResult:
+        """Replace a code cell's source and re-run it. Negative indices count code cells from the end."""
+        _check_source(code, "code")
+        with self._turn(ticket):
+            code_cells = [c for c in self.cells if c.cell_type == "code"]
+            if not code_cells:
                 raise SessionError("this notebook has no code cells yet: use execute_code first")
-            if not isinstance(cell_index, int) or not -len(cells) <= cell_index < len(cells):
-                raise SessionError(
-                    f"cell_index {cell_index!r} is out of range: this notebook has {len(cells)} code "
-                    f"cells, valid indices are 0..{len(cells) - 1} or -{len(cells)}..-1"
-                )
-            cell = cells[cell_index]
+            _check_index(cell_index)
+            if cell_index < 0:
+                if cell_index < -len(code_cells):
+                    raise SessionError(f"cell_index {cell_index} is out of range: negative indices count code "
+                                       f"cells from the end and this notebook has {len(code_cells)}")
+                cell = code_cells[cell_index]
+            else:
+                cell = self.cells[self._position(cell_index)]
+                if cell.cell_type != "code":
+                    raise SessionError(f"cell {cell_index} is a {cell.cell_type} cell: edit it with edit_markdown")
             cell.source = code
-            return self._run(cell, cell_index % len(cells), timeout, on_output)
+            return self._run(cell, timeout, on_output)
 
-    def add_markdown(self, content: str) -> int:
-        """Append a markdown cell; returns its index among all cells."""
-        with self.lock:
-            self.file.nb.cells.append(nbformat.v4.new_markdown_cell(content))
-            self.file.save()
-            self.last_used = time.monotonic()
-            return len(self.file.nb.cells) - 1
+    def add_markdown(self, content: str, index: int | None = None) -> int:
+        """Add a markdown cell at the end (or at position `index`); returns its position."""
+        _check_source(content, "content")
+        with self._turn(None):
+            position = len(self.cells) if index is None else self._position(index, insert=True)
+            self.cells.insert(position, nbformat.v4.new_markdown_cell(content))
+            self._save_or_raise()
+            return position
 
-    def run_all(self) -> dict:
-        """Re-run every code cell in order, past errors; a summary of what failed."""
-        failures, cells = [], self.code_cells
-        for index, cell in enumerate(cells):
-            result = self._run(cell, index, None, None)
+    def edit_markdown(self, cell_index: int, content: str) -> int:
+        _check_source(content, "content")
+        with self._turn(None):
+            position = self._position(cell_index)
+            cell = self.cells[position]
+            if cell.cell_type != "markdown":
+                raise SessionError(f"cell {position} is a {cell.cell_type} cell, not markdown: use edit_cell")
+            cell.source = content
+            self._save_or_raise(cell)
+            return position
+
+    def delete_cell(self, cell_index: int) -> dict:
+        with self._turn(None):
+            position = self._position(cell_index)
+            cell = self.cells.pop(position)
+            self._save_or_raise()
+            return {"deleted": position, "type": cell.cell_type, "source": cell.source[:200]}
+
+    def move_cell(self, cell_index: int, to_index: int) -> int:
+        with self._turn(None):
+            source = self._position(cell_index)
+            target = self._position(to_index)
+            self.cells.insert(target, self.cells.pop(source))
+            self._save_or_raise()
+            return target
+
+    def _position(self, index, insert: bool = False) -> int:
+        return position(self.cells, index, insert)
+
+    def _save_or_raise(self, changed=None) -> None:
+        warning = self.file.save(changed)
+        if warning:
+            raise SessionError(warning)
+
+    def run_all(self, on_progress=None, stop: Stop | None = None) -> dict:
+        """Re-run every code cell in order, past errors; a summary of what failed.
+
+        on_progress(message) is called before each cell; `stop` ends the run (the cells run so
+        far keep their outputs).
+        """
+        if stop is not None:
+            stop.session = self
+        failures = []
+        code = [(i, c) for i, c in enumerate(self.cells) if c.cell_type == "code"]
+        done = 0
+        for n, (index, cell) in enumerate(code):
+            if stop is not None and stop.is_set():
+                break
+            if on_progress is not None:
+                first = next((line for line in cell.source.splitlines() if line.strip()), "")[:60]
+                on_progress(f"session {self.id}: running cell {index} ({n + 1}/{len(code)}): {first}")
+            result = self._run(cell, None, None)
+            done += 1
             if result.status != "ok":
                 err = next((o for o in result.outputs if o.get("output_type") == "error"), None)
                 failures.append({"cell_index": index, "ename": err["ename"] if err else result.status,
                                  "evalue": err["evalue"] if err else ""})
-        return {"cells_run": len(cells), "errors": failures}
+        summary = {"cells_run": done, "errors": failures}
+        if done < len(code):
+            summary["stopped"] = f"cancelled after {done} of {len(code)} code cells"
+        return summary
 
-    def _run(self, cell, index: int, timeout: float | None, on_output) -> CellResult:
+    def _run(self, cell, timeout: float | None, on_output) -> CellResult:
+        notes = []
         if self.km is None or not self.km.is_alive():
+            if self.km is not None:
+                notes.append("the kernel had died since your last cell (killed from outside or out of memory) "
+                             "and was restarted: variables are gone, re-run the cells you need")
             self.restart()
         timeout = self.manager.cell_timeout if timeout is None else timeout
         cell.outputs, cell.execution_count = [], None
         msg_id = self.kc.execute(cell.source, allow_stdin=False, stop_on_error=False)
         status, note = self._collect(cell, msg_id, timeout, on_output)
-        self.file.save(changed=cell)
-        self.last_used = time.monotonic()
-        text, images = render(cell.outputs, self.manager.output_limit, self.manager.image_max)
+        warning = self.file.save(changed=cell)
+        if warning:
+            notes.append(warning)
+        text, images, image_notes = render(cell.outputs, self.manager.output_limit, self.manager.image_max)
         if status == "ok" and any(o.output_type == "error" for o in cell.outputs):
             status = "error"
-        return CellResult(index, cell.execution_count, cell.outputs, status, text + note, images)
+        return CellResult(self.cells.index(cell), cell.execution_count, cell.outputs, status, text + note, images,
+                          notes + image_notes)
 
     def _collect(self, cell, msg_id: str, timeout: float, on_output) -> tuple[str, str]:
-        """Read the kernel's messages for one execution into the cell until it is idle."""
+        """Read the kernel's messages for one execution into the cell until it has finished.
+
+        Finished means the `idle` status for this execution, or its execute_reply followed by a
+        short quiet spell (an `idle` lost to an overflowing IOPub must not hang the cell).
+        """
         deadline = time.monotonic() + timeout
         last_save = time.monotonic()
-        interrupted_at = None
-        while True:
-            now = time.monotonic()
-            if interrupted_at is None and now > deadline:
-                self.km.interrupt_kernel()
-                interrupted_at = now
-            elif interrupted_at is not None and now > interrupted_at + INTERRUPT_GRACE:
-                self.restart()
-                return "timeout", (f"\n[Timed out after {timeout:g}s; the interrupt did not stop the cell, so the "
-                                   "kernel was restarted: all variables are lost, re-run the cells you need]")
-            try:
-                msg = self.kc.get_iopub_msg(timeout=0.2)
-            except Empty:
-                if not self.km.is_alive():
-                    cell.outputs.append(nbformat.v4.new_output(
-                        "error", ename="KernelDied",
-                        evalue="the kernel died while running this cell (os._exit, a crash, or out of memory)",
-                        traceback=[]))
+        interrupted_at = replied_at = None
+        streams: dict[int, _Stream] = {}  # output index → stream being written
+
+        def flush() -> None:
+            for stream in streams.values():
+                stream.flush()
+
+        try:
+            while True:
+                now = time.monotonic()
+                if interrupted_at is None and now > deadline and not self.closing:
+                    self.interrupt()
+                    interrupted_at = now
+                elif interrupted_at is not None and now > interrupted_at + INTERRUPT_GRACE:
+                    flush()
                     self.restart()
-                    return "died", ("\n[The kernel died. A fresh kernel was started: variables from earlier "
-                                    "cells are gone, re-run the cells you need]")
+                    return "timeout", (f"\n[Timed out after {timeout:g}s; the interrupt did not stop the cell, so "
+                                       "the kernel was restarted: all variables are lost, re-run the cells you need]")
                 if now - last_save > SAVE_EVERY:
+                    flush()
                     self.file.save(changed=cell)
                     last_save = now
-                continue
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "status" and content["execution_state"] == "idle":
-                self._drain_shell(msg_id)
-                if interrupted_at is not None:
-                    return "timeout", f"\n[Timed out after {timeout:g}s: the cell was interrupted; the kernel keeps its state]"
-                return "ok", ""
-            if kind == "execute_input":
-                cell.execution_count = content["execution_count"]
-            elif kind == "clear_output":
-                cell.outputs.clear()
-            elif kind in ("stream", "display_data", "execute_result", "error"):
-                self._add_output(cell, kind, content)
-                if on_output is not None and kind == "stream":
-                    on_output(content["text"])
+                try:
+                    msg = self.kc.get_iopub_msg(timeout=0.05 if replied_at else 0.2)
+                except Empty:
+                    if replied_at is None and self._replied(msg_id, cell):
+                        replied_at = time.monotonic()
+                    elif replied_at is not None and now - replied_at > IDLE_AFTER_REPLY:
+                        break
+                    elif not self.km.is_alive():
+                        return self._died(cell, flush)
+                    continue
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                kind, content = msg["msg_type"], msg["content"]
+                if kind == "status" and content["execution_state"] == "idle":
+                    if replied_at is None:
+                        self._replied(msg_id, cell, wait=2.0)
+                    break
+                if kind == "execute_input":
+                    cell.execution_count = content["execution_count"]
+                elif kind == "clear_output":
+                    cell.outputs.clear()
+                    streams.clear()
+                elif kind == "stream":
+                    last = cell.outputs[-1] if cell.outputs else None
+                    stream = streams.get(len(cell.outputs) - 1)
+                    if stream is None or last.name != content["name"]:  # consecutive writes form one block
+                        last = nbformat.v4.new_output("stream", name=content["name"], text="")
+                        cell.outputs.append(last)
+                        stream = streams[len(cell.outputs) - 1] = _Stream(last)
+                    stream.add(content["text"])
+                    if on_output is not None:
+                        on_output(content["text"])
+                elif kind in ("display_data", "execute_result", "error"):
+                    cell.outputs.append(_output(kind, content))
+        finally:
+            flush()
+        if self.closing and interrupted_at is None and any(
+                o.output_type == "error" and o.ename == "KeyboardInterrupt" for o in cell.outputs):
+            return "interrupted", "\n[Interrupted: the session was shut down while this cell ran]"
+        if interrupted_at is not None:
+            return "timeout", f"\n[Timed out after {timeout:g}s: the cell was interrupted; the kernel keeps its state]"
+        return "ok", ""
 
-    @staticmethod
-    def _add_output(cell, kind: str, content: dict) -> None:
-        outputs = cell.outputs
-        if kind == "stream":
-            if outputs and outputs[-1].output_type == "stream" and outputs[-1].name == content["name"]:
-                outputs[-1].text += content["text"]  # Jupyter shows consecutive writes as one block
-            else:
-                outputs.append(nbformat.v4.new_output("stream", name=content["name"], text=content["text"]))
-        elif kind == "error":
-            outputs.append(nbformat.v4.new_output("error", ename=content["ename"], evalue=content["evalue"],
-                                                  traceback=content["traceback"]))
-        else:
-            out = nbformat.v4.new_output(kind, data=content["data"], metadata=content.get("metadata", {}))
-            if kind == "execute_result":
-                out.execution_count = content["execution_count"]
-            outputs.append(out)
+    def _died(self, cell, flush) -> tuple[str, str]:
+        flush()
+        if self.closing:
+            return "interrupted", "\n[Stopped: the session was shut down while this cell ran]"
+        cell.outputs.append(nbformat.v4.new_output(
+            "error", ename="KernelDied",
+            evalue="the kernel died while running this cell (os._exit, a crash, or out of memory)", traceback=[]))
+        self.restart()
+        return "died", ("\n[The kernel died. A fresh kernel was started: variables from earlier "
+                        "cells are gone, re-run the cells you need]")
 
-    def _drain_shell(self, msg_id: str) -> None:
+    def _replied(self, msg_id: str, cell, wait: float = 0.0) -> bool:
+        """Consume shell replies; True once this execution's execute_reply has come."""
         while True:
             try:
-                if self.kc.get_shell_msg(timeout=2)["parent_header"].get("msg_id") == msg_id:
-                    return
+                msg = self.kc.get_shell_msg(timeout=wait) if wait else self.kc.shell_channel.get_msg(timeout=0)
             except Empty:
-                return
+                return False
+            if msg["parent_header"].get("msg_id") == msg_id:
+                if cell.execution_count is None:  # its execute_input was lost
+                    cell.execution_count = msg["content"].get("execution_count")
+                return True
+
+
+def _output(kind: str, content: dict):
+    if kind == "error":
+        return nbformat.v4.new_output("error", ename=content["ename"], evalue=content["evalue"],
+                                      traceback=content["traceback"])
+    out = nbformat.v4.new_output(kind, data=content["data"], metadata=content.get("metadata", {}))
+    if kind == "execute_result":
+        out.execution_count = content["execution_count"]
+    return out
+
+
+def _check_source(text, name: str) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise SessionError(f"{name} is empty: pass the text of the cell")
+
+
+def _check_index(index) -> None:
+    if type(index) is not int:  # bool is an int subclass: True must not mean cell 1
+        raise SessionError(f"cell_index must be a whole number, got {index!r}")
 
 
 class SessionManager:
-    """All live sessions of one server, with their shared settings."""
+    """All live sessions of one server, with their shared settings.
+
+    kernel_env is the whole environment kernels start with (default: this process's).
+    runtime is a private folder for kernel sockets and connection files (default: a new temp
+    folder); the manager removes what it created there when it shuts down.
+    """
 
     def __init__(self, notebook_dir: str | Path = "notebooks", *, cell_timeout: float = DEFAULT_CELL_TIMEOUT,
                  output_limit: int = DEFAULT_OUTPUT_LIMIT, image_max: int = DEFAULT_IMAGE_MAX,
-                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT, kernel_env: dict | None = None):
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT, kernel_env: dict | None = None,
+                 runtime: str | Path | None = None):
         self.notebook_dir = Path(notebook_dir).expanduser().resolve()
         self.notebook_dir.mkdir(parents=True, exist_ok=True)
         self.cell_timeout, self.output_limit, self.image_max = cell_timeout, output_limit, image_max
         self.idle_timeout = idle_timeout
-        self.kernel_env = dict(kernel_env or {})
+        self.kernel_env = dict(os.environ if kernel_env is None else kernel_env)
+        self._own_runtime = runtime is None
+        self.runtime = Path(tempfile.mkdtemp(prefix="scribe-kernels-") if runtime is None else runtime)
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -432,7 +775,7 @@ class SessionManager:
             threading.Thread(target=self._reap_idle, daemon=True).start()
 
     def get(self, session_id: str) -> Session:
-        session = self.sessions.get(session_id)
+        session = self.sessions.get(session_id) if isinstance(session_id, str) else None
         if session is None:
             live = ", ".join(sorted(self.sessions)) or "none"
             raise SessionError(f"unknown session_id {session_id!r}; live sessions: {live}. "
@@ -441,38 +784,52 @@ class SessionManager:
         return session
 
     def start_new(self, experiment_name: str | None = None) -> Session:
-        return self._open(self._new_path(experiment_name or "session"), new_notebook(), run=False)
+        return self._open(self._new_path(experiment_name or "session"), new_notebook())
 
-    def resume(self, notebook_path: str) -> tuple[Session, dict]:
+    def resume(self, notebook_path: str, on_progress=None, stop: Stop | None = None) -> tuple[Session, dict]:
         """Open a notebook in place, start a kernel and re-run its code cells."""
         path = self.resolve(notebook_path)
-        session = self._open(path, read_notebook(path), run=True)
-        return session, session.restored
+        session = self._open(path, read_notebook(path))
+        return session, self._restore(session, on_progress, stop)
 
-    def continue_(self, notebook_path: str, experiment_name: str | None = None) -> tuple[Session, dict]:
+    def continue_(self, notebook_path: str, experiment_name: str | None = None, on_progress=None,
+                  stop: Stop | None = None) -> tuple[Session, dict]:
         """Like resume, on a copy; the original file is untouched."""
         source = self.resolve(notebook_path)
         nb = read_notebook(source)
         stem = _slug(experiment_name) if experiment_name else re.sub(r"^\d{4}-\d\d-\d\d-\d\d-\d\d_", "", source.stem)
-        session = self._open(self._new_path(f"{stem}_continued", slug=False), nb, run=True)
-        return session, session.restored
+        session = self._open(self._new_path(f"{stem}_continued", slug=False), nb)
+        return session, self._restore(session, on_progress, stop)
 
-    def resolve(self, notebook_path: str) -> Path:
+    @staticmethod
+    def _restore(session: Session, on_progress, stop) -> dict:
+        with session.lock:
+            summary = session.run_all(on_progress, stop)
+        summary["outline"] = outline_text(session.file.nb)
+        return summary
+
+    def resolve(self, notebook_path: str, must_exist: bool = True) -> Path:
         """A notebook path inside the notebook dir (symlinks resolved), or a clear error."""
         if not isinstance(notebook_path, str) or not notebook_path.strip():
             raise SessionError("notebook_path is empty")
-        path = Path(notebook_path).expanduser()
-        if not path.is_absolute():
-            path = self.notebook_dir / path
-        path = path.resolve()
-        if not path.is_relative_to(self.notebook_dir):
-            raise SessionError(f"{notebook_path!r} is outside the notebook directory {self.notebook_dir}; "
-                               "only notebooks inside it can be opened")
-        if not path.is_file():
-            raise SessionError(f"no notebook at {notebook_path!r} (looked for {path})")
+        try:
+            path = Path(notebook_path).expanduser()
+            if not path.is_absolute():
+                path = self.notebook_dir / path
+            path = path.resolve()
+            if not path.is_relative_to(self.notebook_dir):
+                raise SessionError(f"{notebook_path!r} is outside the notebook directory {self.notebook_dir}; "
+                                   "only notebooks inside it can be opened")
+            if must_exist and not path.is_file():
+                raise SessionError(f"no notebook at {notebook_path!r} (looked for {path})")
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise SessionError(f"cannot open {notebook_path[:200]!r}: {exc.strerror or exc}") from None
         if path.suffix != ".ipynb":
             raise SessionError(f"{notebook_path!r} is not an .ipynb file")
         return path
+
+    def live_session_for(self, path: Path) -> Session | None:
+        return next((s for s in list(self.sessions.values()) if s.path == path), None)
 
     def shutdown(self, session_id: str) -> Path:
         with self._lock:
@@ -482,29 +839,41 @@ class SessionManager:
         return session.path
 
     def shutdown_all(self) -> None:
+        """Save every notebook and stop every kernel, all at once (Claude Code allows ~0.4 s)."""
         self._closed.set()
-        for session in list(self.sessions.values()):  # running cells end now, not at their timeout
-            with contextlib.suppress(Exception):
-                session.interrupt()
-        for session_id in list(self.sessions):
-            with contextlib.suppress(SessionError):
-                self.shutdown(session_id)
-
-    def _open(self, path: Path, nb, run: bool) -> Session:
-        session_id = secrets.token_hex(4)
-        session = Session(session_id, path, nb, self)
-        session.file.save()
-        session.start_kernel()
         with self._lock:
-            self.sessions[session_id] = session
-        if run:
-            with session.lock:
-                session.restored = session.run_all()
+            sessions, self.sessions = list(self.sessions.values()), {}
+        threads = [threading.Thread(target=s.shutdown, args=(0.15,), daemon=True) for s in sessions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        if self._own_runtime:
+            shutil.rmtree(self.runtime, ignore_errors=True)
+
+    def _open(self, path: Path, nb) -> Session:
+        with self._lock:
+            other = self.live_session_for(path)
+            if other is not None:
+                raise SessionError(f"{path.name} is open in live session {other.id}: keep working there, "
+                                   f"or shutdown_session({other.id!r}) first")
+            session_id = secrets.token_hex(4)
+            session = Session(session_id, path, nb, self)
+            self.sessions[session_id] = session  # claims the file before the (slow) kernel start
+        try:
+            with session.lock:  # the idle reaper and shutdown wait for the kernel to be up
+                session._save_or_raise()
+                session.start_kernel()
+                session.last_used = time.monotonic()
+        except BaseException:
+            with self._lock:
+                self.sessions.pop(session_id, None)
+            raise
         return session
 
     def _new_path(self, name: str, slug: bool = True) -> Path:
         stamp = datetime.now().strftime("%Y-%m-%d-%H-%M")
-        base = f"{stamp}_{_slug(name) if slug else name}"
+        base = f"{stamp}_{_slug(name) if slug else name}"[:NAME_MAX]
         path, n = self.notebook_dir / f"{base}.ipynb", 2
         with self._lock:
             while path.exists():
@@ -523,5 +892,5 @@ class SessionManager:
 
 
 def _slug(name: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60].strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")[:60].strip("-")
     return slug or "session"

@@ -5,8 +5,13 @@
     python scribe_mcp.py --print-config claude # how to register this checkout with Claude Code
 
 The tools translate MCP calls into `kernel.SessionManager` calls. One model worker (gpu.py)
-per server is shared by every session's kernel; kernels find it through environment
-variables, so the setup code `init_session` hands out never changes between runs.
+per server is shared by every session's kernel; the server starts it, restarts it when it
+dies, and tells kernels where it listens, so the setup code `init_session` hands out never
+changes between runs.
+
+What an agent reads: tools that run cells answer in plain text plus images (a client that
+shows only structured content, like Claude Code, would otherwise show JSON full of escapes);
+tools whose product is data (sessions, outlines) answer with structured content.
 
 This process never imports torch: start-up is `import mcp` plus a little.
 """
@@ -16,10 +21,15 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import hmac
+import importlib.metadata
 import json
 import os
+import re
+import resource
 import secrets
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -27,11 +37,13 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Annotated, TypedDict
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import CallToolResult, ImageContent, TextContent
+from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
+from pydantic import Field
 
 import gpu
 import kernel
@@ -39,6 +51,8 @@ import kernel
 HERE = Path(__file__).resolve().parent
 # Progress notifications keep MCP clients from timing out on long cells.
 PROGRESS_EVERY = 3.0
+# Claude Code replaces results over ~25k tokens with a file pointer; stay far below.
+RESULT_CHARS_MAX = 40_000
 
 SETUP_CODE = """\
 from gpu import InterpClient
@@ -47,17 +61,40 @@ client = InterpClient()  # the server's shared model worker; the model is alread
 print(client)
 """
 
-INSTRUCTIONS = """\
+# Environment variables kernels and the worker inherit; everything else (API keys, the HTTP
+# token) stays in the server. --pass-env adds names.
+BASE_ENV = (
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM", "SHELL", "VIRTUAL_ENV",
+    "CONDA_PREFIX", "LD_LIBRARY_PATH", "PYTHONPATH", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE",
+    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_HOME", "CUDA_VISIBLE_DEVICES", "CUDA_HOME",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+    "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
+    "https_proxy", "no_proxy", "SCRIBE_CACHE_DIR", "SCRIBE_CALL_TIMEOUT", "SCRIBE_WORKER_START_TIMEOUT",
+)
+BASE_PREFIXES = ("LC_", "SCRIBE_MODAL_")
+# Secrets only the process that needs them gets.
+WORKER_SECRETS = {"local": ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), "ndif": ("HF_TOKEN", "NDIF_API_KEY"),
+                  "modal": ()}
+KERNEL_SECRETS = {"local": (), "ndif": (), "modal": ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "MODAL_PROFILE",
+                                                     "MODAL_ENVIRONMENT")}
+
+
+def _instructions() -> str:
+    return """\
 `client.run(fn, **kwargs)` calls `fn(model, tokenizer, **kwargs)` in the model worker, where the \
 model is loaded once and stays warm. Define `fn` in a notebook cell; import torch and other \
 heavy libraries INSIDE the function (the notebook kernel stays light). `model` is the Hugging \
 Face model wrapped in nnsight: plain calls (`model(**inputs)`, `model.generate(...)`, \
-`model.lm_head`) work, and so do nnsight traces (`with model.trace(text): h = \
-model.model.layers[5].output.save()`; inside a trace build lists with a for loop, since names \
-assigned by a list comprehension in the block are lost). Return plain values (str, numbers, lists, dicts); tensors \
-come back as numpy arrays. What `fn` prints shows in the cell; its exceptions are raised in the \
-cell with the worker's traceback; `client.run(fn, timeout=60, ...)` bounds a call. Ready-made \
-techniques: `from techniques import logit_lens` then `client.run(logit_lens, text=...)`.\
+`model.lm_head`) work, and so do nnsight traces: `with model.trace(text): h = \
+model.model.layers[5].output.save()` (a layer's output is a tensor [batch, pos, d_model]). \
+Inside a trace: read modules in the order they run; only `.save()`d values survive the block; \
+a list you fill in the block must be created BEFORE the `with` line (`hs = []` then \
+`hs.append(layer.output.save())` inside), since names first assigned in the block other than \
+`x = ....save()` are lost, and so are list comprehensions. Return plain values (str, numbers, \
+lists, dicts); tensors come back as numpy arrays. What `fn` prints shows in the cell; its \
+exceptions are raised in the cell with the worker's traceback; `client.run(fn, timeout=60, \
+...)` bounds a call. Ready-made techniques: `from techniques import logit_lens` then \
+`client.run(logit_lens, text=...)`.\
 """
 
 
@@ -77,39 +114,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("local", "modal", "ndif"), default=_env("MODE", "local"),
                    help="where client.run executes: local (a worker process on this machine), modal "
                         "(Modal GPUs; configure with SCRIBE_MODAL_GPU etc., see README) or ndif (NDIF's "
-                        "cluster, nnsight traces only; needs NDIF_API_KEY) [SCRIBE_MODE]")
+                        "cluster, nnsight traces only; needs NDIF_API_KEY) [SCRIBE_MODE, default %(default)s]")
     p.add_argument("--attn-implementation", default=_env("ATTN_IMPLEMENTATION", "eager"),
-                   help="eager (default: output_attentions=True works) or sdpa (faster on long prompts, "
-                        "but returns no attention weights) [SCRIBE_ATTN_IMPLEMENTATION]")
+                   help="eager (output_attentions=True works) or sdpa (faster on long prompts, "
+                        "but returns no attention weights) [SCRIBE_ATTN_IMPLEMENTATION, default %(default)s]")
     p.add_argument("--adapter", default=_env("ADAPTER", ""),
                    help="a PEFT adapter (hub id or folder) applied on top of the model [SCRIBE_ADAPTER]")
     p.add_argument("--notebook-dir", default=_env("NOTEBOOK_DIR", "notebooks"),
                    help="where notebooks are created; resume/continue only open notebooks inside it "
-                        "[SCRIBE_NOTEBOOK_DIR, default ./notebooks]")
+                        "[SCRIBE_NOTEBOOK_DIR, default %(default)s]")
     p.add_argument("--device", default=_env("DEVICE", "auto"),
-                   help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N [SCRIBE_DEVICE]")
+                   help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N [SCRIBE_DEVICE, default %(default)s]")
     p.add_argument("--dtype", default=_env("DTYPE", "auto"),
-                   help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16 [SCRIBE_DTYPE]")
+                   help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16 "
+                        "[SCRIBE_DTYPE, default %(default)s]")
     p.add_argument("--preload", action=argparse.BooleanOptionalAction,
                    default=_env("PRELOAD", "1") not in ("0", "false", "no"),
                    help="load the model in the background at start-up so the first client.run "
-                        "does not wait [SCRIBE_PRELOAD, default on]")
+                        "does not wait [SCRIBE_PRELOAD, default %(default)s]")
     p.add_argument("--cell-timeout", type=float, default=float(_env("CELL_TIMEOUT", str(kernel.DEFAULT_CELL_TIMEOUT))),
-                   help="seconds before a running cell is interrupted [SCRIBE_CELL_TIMEOUT, default 600]")
+                   help="seconds before a running cell is interrupted [SCRIBE_CELL_TIMEOUT, default %(default)s]")
     p.add_argument("--output-limit", type=int, default=int(_env("OUTPUT_LIMIT", str(kernel.DEFAULT_OUTPUT_LIMIT))),
                    help="characters of cell output returned to the agent; the rest is cut from the "
-                        "middle (the notebook keeps all) [SCRIBE_OUTPUT_LIMIT, default 8000]")
+                        "middle (the notebook keeps all) [SCRIBE_OUTPUT_LIMIT, default %(default)s]")
     p.add_argument("--image-max", type=int, default=int(_env("IMAGE_MAX", str(kernel.DEFAULT_IMAGE_MAX))),
-                   help="longest side in pixels of images returned to the agent [SCRIBE_IMAGE_MAX]")
+                   help="longest side in pixels of images returned to the agent [SCRIBE_IMAGE_MAX, default %(default)s]")
     p.add_argument("--idle-timeout", type=float, default=float(_env("IDLE_TIMEOUT", str(kernel.DEFAULT_IDLE_TIMEOUT))),
-                   help="seconds after which an unused session shuts down; 0 = never [SCRIBE_IDLE_TIMEOUT]")
+                   help="seconds after which an unused session shuts down; 0 = never "
+                        "[SCRIBE_IDLE_TIMEOUT, default %(default)s]")
+    p.add_argument("--pass-env", action="append", default=[n for n in _env("PASS_ENV", "").split(",") if n],
+                   metavar="NAME", help="also pass this environment variable to kernels and the worker "
+                                        "(repeatable) [SCRIBE_PASS_ENV, comma-separated]")
     p.add_argument("--transport", choices=("stdio", "http"), default=_env("TRANSPORT", "stdio"),
-                   help="stdio (default) or streamable HTTP [SCRIBE_TRANSPORT]")
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="HTTP bind address [SCRIBE_HOST]")
-    p.add_argument("--port", type=int, default=int(_env("PORT", "8765")), help="HTTP port [SCRIBE_PORT]")
+                   help="stdio or streamable HTTP [SCRIBE_TRANSPORT, default %(default)s]")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="HTTP bind address [SCRIBE_HOST, default %(default)s]")
+    p.add_argument("--port", type=int, default=int(_env("PORT", "8765")), help="HTTP port [SCRIBE_PORT, default %(default)s]")
+    p.add_argument("--allowed-host", action="append", default=[n for n in _env("ALLOWED_HOSTS", "").split(",") if n],
+                   metavar="HOST[:PORT]", help="a Host header HTTP clients may send besides loopback names, e.g. "
+                                               "my-box:8765 or my-box:* (repeatable) [SCRIBE_ALLOWED_HOSTS]")
     p.add_argument("--print-config", choices=("claude",), metavar="claude",
                    help="print the `claude mcp add` command and the mcpServers JSON for this checkout, then exit")
     return p.parse_args(argv)
+
+
+def child_env(mode: str, secrets_for: dict[str, tuple[str, ...]], extra: list[str]) -> dict:
+    """The minimal environment of a kernel or the worker (see BASE_ENV)."""
+    names = set(BASE_ENV) | set(secrets_for[mode]) | set(extra)
+    return {k: v for k, v in os.environ.items() if k in names or k.startswith(BASE_PREFIXES)}
+
+
+# ---------------------------------------------------------------------------
+# Runtime files: one private folder per server, removed at exit
+# ---------------------------------------------------------------------------
+
+
+def make_runtime_dir() -> Path:
+    """A 0700 folder `scribe-<pid>-XXXX` for sockets, logs and kernel files; stale ones of dead
+    servers (kill -9) are removed first."""
+    tmp = Path(tempfile.gettempdir())
+    for old in tmp.glob("scribe-*-*"):
+        match = re.fullmatch(r"scribe-(\d+)-\w+", old.name)
+        if match and old.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"scribe-{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 class Scribe:
@@ -120,42 +197,83 @@ class Scribe:
                                   attn_implementation=args.attn_implementation,
                                   remote="ndif" if args.mode == "ndif" else "")
         self.mode = args.mode
-        self.socket_path = os.path.join(tempfile.mkdtemp(prefix="scribe-"), "worker.sock")
+        self.runtime = make_runtime_dir()
+        socket_path = str(self.runtime / "worker.sock")
+        kernel_env = child_env(args.mode, KERNEL_SECRETS, args.pass_env)
+        kernel_env.update({gpu.ENV_SOCKET: socket_path, gpu.ENV_OWNER: str(os.getpid()), "SCRIBE_MODE": args.mode})
+        if args.mode == "modal":  # the Modal client runs in the kernel and must know what to load
+            kernel_env[gpu.ENV_SPEC] = self.spec.to_json()
+        self.worker = None
+        if args.mode != "modal":  # on Modal the container loads the model
+            self.worker = gpu.WorkerSupervisor(self.spec, socket_path, child_env(args.mode, WORKER_SECRETS,
+                                                                                 args.pass_env))
+            if args.preload:
+                self.worker.ensure()
         self.sessions = kernel.SessionManager(
             args.notebook_dir, cell_timeout=args.cell_timeout, output_limit=args.output_limit,
-            image_max=args.image_max, idle_timeout=args.idle_timeout,
-            kernel_env={gpu.ENV_SOCKET: self.socket_path, gpu.ENV_SPEC: self.spec.to_json(),
-                        gpu.ENV_OWNER: str(os.getpid()), "SCRIBE_MODE": args.mode},
-        )
-        if args.preload and args.mode != "modal":  # on Modal the container loads the model
-            threading.Thread(target=self._preload, daemon=True).start()
+            image_max=args.image_max, idle_timeout=args.idle_timeout, kernel_env=kernel_env,
+            runtime=self.runtime)
+        self._closed = threading.Lock()
 
-    def _preload(self) -> None:
-        try:
-            gpu.connect_worker(self.spec, self.socket_path, os.getpid()).close()
-        except Exception as exc:  # the first client.run reports it to the agent again
-            print(f"[scribe] model worker failed to start: {exc}", file=sys.stderr, flush=True)
+    def ensure_worker(self) -> None:
+        """Before anything that may call client.run: the worker runs (started lazily without --preload)."""
+        if self.worker is not None:
+            self.worker.ensure()
 
     def close(self) -> None:
-        """Save every notebook, stop every kernel and the worker (safe to call twice)."""
-        self.sessions.shutdown_all()
-        gpu.stop_worker(self.socket_path)
+        """Save every notebook, stop every kernel and the worker, remove runtime files (once)."""
+        if not self._closed.acquire(blocking=False):
+            return
+        threads = [threading.Thread(target=self.sessions.shutdown_all, daemon=True)]
+        if self.worker is not None:
+            threads.append(threading.Thread(target=self.worker.stop, daemon=True))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        shutil.rmtree(self.runtime, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
-# Tools
+# What the agent reads
 # ---------------------------------------------------------------------------
 
 
-def _cell_result(session_id: str, result: kernel.CellResult) -> CallToolResult:
-    header = f"[cell {result.cell_index} · In [{result.execution_count}] · {result.status}]\n"
-    content = [TextContent(text=header + (result.text or "(no output)"))]
+def cell_text(result: kernel.CellResult) -> str:
+    """A cell's result as the agent reads it: the verdict first, then the output."""
+    where = f"cell {result.cell_index} · In [{result.execution_count}]"
+    if result.status == "error":
+        err = next(o for o in result.outputs if o.get("output_type") == "error")
+        evalue = (err["evalue"].strip().splitlines() or [""])[0]
+        head = f"error: {err['ename']}: {evalue}  [{where}]"
+    else:
+        head = f"[{where} · {result.status}]"
+    notes = "".join(f"warning: {note}\n" for note in result.notes)
+    return f"{head}\n{notes}{result.text or '(no output)'}"
+
+
+def _cell_result(result: kernel.CellResult) -> CallToolResult:
+    """Text and images only: see the module docstring."""
+    content = [TextContent(text=cell_text(result))]
     content += [ImageContent(data=base64.b64encode(data).decode(), mime_type=f"image/{fmt}")
                 for fmt, data in result.images]
-    return CallToolResult(content=content, structured_content={
-        "session_id": session_id, "cell_index": result.cell_index, "execution_count": result.execution_count,
-        "status": result.status, "output": result.text, "images": len(result.images),
-    })
+    return CallToolResult(content=content, is_error=False)
+
+
+def _text_result(text: str) -> CallToolResult:
+    return CallToolResult(content=[TextContent(text=kernel.truncate(text, RESULT_CHARS_MAX, "the notebook keeps it"))])
+
+
+def restore_text(session: kernel.Session, summary: dict, limit: int) -> str:
+    errors = summary["errors"]
+    lines = [f"session_id: {session.id}", f"notebook_path: {session.path}",
+             f"re-ran {summary['cells_run']} code cells: {summary['cells_run'] - len(errors)} ok, {len(errors)} failed"]
+    lines += [f"  cell {e['cell_index']}: {e['ename']}: {(e['evalue'].splitlines() or [''])[0][:200]}" for e in errors]
+    if "stopped" in summary:
+        lines.append(f"stopped: {summary['stopped']}")
+    lines += ["", "outline (cell index, type, status, first line):",
+              kernel.truncate(summary["outline"], limit, "notebook_outline lists every cell")]
+    return "\n".join(lines)
 
 
 def _tool_error(exc: Exception) -> ToolError:
@@ -173,156 +291,345 @@ async def _blocking(fn, *args):
         raise _tool_error(exc) from None
 
 
-async def _run_cell(ctx: Context, session: kernel.Session, run) -> kernel.CellResult:
-    """Run a cell in a thread, sending progress while it runs; cancelling interrupts the kernel."""
-    recent: deque[str] = deque(maxlen=20)
-    started = time.monotonic()
+class _Activity:
+    """What a running tool call reports in its progress notifications."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.recent: deque[str] = deque(maxlen=20)
+        self.status = ""
+
+    def output(self, text: str) -> None:
+        self.recent.append(text)
+
+    def progress(self, message: str) -> None:
+        self.status = message
+
+    def message(self) -> str:
+        elapsed = f"{time.monotonic() - self.started:.0f}s"
+        if self.status:
+            return f"{self.status} ({elapsed})"
+        tail = kernel.collapse_cr("".join(self.recent))[-300:].strip()
+        return f"running for {elapsed}" + (f"; recent output: {tail}" if tail else "")
+
+
+async def _run_blocking(ctx: Context, work, on_cancel) -> object:
+    """Run `work(activity)` in a thread, sending progress while it runs; cancelling calls on_cancel."""
+    activity = _Activity()
 
     async def progress() -> None:
-        ticks = 0
+        ticks, sent, last = 0, None, time.monotonic()
         while True:
-            await anyio.sleep(PROGRESS_EVERY)
-            ticks += 1
-            tail = "".join(recent)[-300:].strip()
-            message = f"running for {time.monotonic() - started:.0f}s" + (f"; recent output: {tail}" if tail else "")
-            await ctx.report_progress(ticks, None, message)
+            await anyio.sleep(0.25)
+            if activity.status != sent or time.monotonic() - last >= PROGRESS_EVERY:
+                ticks, sent, last = ticks + 1, activity.status, time.monotonic()
+                await ctx.report_progress(ticks, None, activity.message())
 
     outcome: list = []
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(progress)
             try:
-                outcome.append(await anyio.to_thread.run_sync(lambda: run(recent.append), abandon_on_cancel=True))
+                outcome.append(await anyio.to_thread.run_sync(work, activity, abandon_on_cancel=True))
             except Exception as exc:  # kept out of the task group, which would wrap it in a group
                 outcome.append(exc)
             finally:
                 tg.cancel_scope.cancel()
     except anyio.get_cancelled_exc_class():
-        session.interrupt()
+        on_cancel()
         raise
     if isinstance(outcome[0], Exception):
         raise _tool_error(outcome[0])
     return outcome[0]
 
 
-def _session_info(session: kernel.Session, **extra) -> dict:
-    return {"session_id": session.id, "notebook_path": str(session.path), **extra}
+async def _run_cell(ctx: Context, session: kernel.Session, run) -> CallToolResult:
+    """A cell request: cancelled while queued behind another cell, it never runs; while
+    running, it is interrupted."""
+    ticket = kernel.Ticket()
+
+    def cancel() -> None:
+        if not ticket.cancel():
+            session.interrupt()
+
+    result = await _run_blocking(ctx, lambda activity: run(activity.output, ticket), cancel)
+    return _cell_result(result)
 
 
-def _reply(data: dict) -> CallToolResult:
-    """The same data as readable JSON text and as structured content."""
-    return CallToolResult(content=[TextContent(text=json.dumps(data, indent=2))], structured_content=data)
+# Structured results (their schemas are the tools' outputSchema).
+class SessionInfo(TypedDict):
+    session_id: str
+    notebook_path: str
+
+
+class SessionList(TypedDict):
+    sessions: list[SessionInfo]
+
+
+class ShutdownInfo(TypedDict):
+    session_id: str
+    notebook_path: str
+    status: str
+
+
+class CellRef(TypedDict):
+    session_id: str
+    cell_index: int
+
+
+class CellRow(TypedDict, total=False):
+    index: int
+    type: str
+    first_line: str
+    status: str
+    output_chars: int
+
+
+class Outline(TypedDict):
+    notebook_path: str
+    cells: list[CellRow]
+
+
+class CellSlice(TypedDict):
+    cell_index: int
+    type: str
+    status: str
+    source: str
+    output: str
+    output_offset: int
+    output_chars: int
+    more: bool
+
+
+def _session_info(session: kernel.Session) -> SessionInfo:
+    return {"session_id": session.id, "notebook_path": str(session.path)}
+
+
+SessionId = Annotated[str, Field(description="the id start_new_session (or resume/continue) returned")]
+CellIndex = Annotated[int, Field(description="the cell's position in the notebook, counting markdown cells "
+                                             "(as shown in every result); negative values count from the end")]
+READ_ONLY = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False)
+EDITS = ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=False)
+RUNS = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=False, openWorldHint=False)
+DESTROYS = ToolAnnotations(readOnlyHint=False, destructiveHint=True, openWorldHint=False)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("scribe-interp")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def build_server(scribe: Scribe) -> MCPServer:
     mcp = MCPServer(
         "scribe",
+        version=_version(),
         instructions="Interpretability research in Jupyter notebooks: start a session, call init_session, "
-                     "execute its setup code, then run functions on the model with client.run(fn, ...).",
+                     "execute its setup code, then run functions on the model with client.run(fn, ...). "
+                     "Cells are numbered by their position in the notebook, markdown cells included.",
     )
     sessions = scribe.sessions
 
-    @mcp.tool()
-    async def start_new_session(experiment_name: str | None = None) -> CallToolResult:
-        """Create a new notebook with a fresh Python kernel.
+    def find_notebook(session_id: str | None, notebook_path: str | None):
+        if (session_id is None) == (notebook_path is None):
+            raise kernel.SessionError("pass either session_id (a live session) or notebook_path (a notebook "
+                                      "inside the notebook directory)")
+        if session_id is not None:
+            session = sessions.get(session_id)
+            return session.path, session.file.nb, session
+        path = sessions.resolve(notebook_path)
+        live = sessions.live_session_for(path)
+        return path, (live.file.nb if live else kernel.read_notebook(path)), live
 
-        Returns session_id (pass it to the other tools) and notebook_path. experiment_name
-        (optional) becomes part of the file name. Next: call init_session and execute its setup_code.
-        """
+    def restore(open_session, ctx: Context, *args) -> object:
+        """resume/continue: progress per cell; cancel stops between cells (the session stays open)."""
+        stop = kernel.Stop()
+        scribe.ensure_worker()
+
+        def work(activity: _Activity) -> str:
+            session, summary = open_session(*args, on_progress=activity.progress, stop=stop)
+            return restore_text(session, summary, sessions.output_limit)
+
+        return _run_blocking(ctx, work, stop.set)
+
+    @mcp.tool(annotations=EDITS, structured_output=True)
+    async def start_new_session(
+        experiment_name: Annotated[str | None, Field(description="optional; becomes part of the notebook's "
+                                                                 "file name")] = None,
+    ) -> SessionInfo:
+        """Create a new notebook with a fresh Python kernel. Returns session_id (pass it to the other tools) and notebook_path. Next: call init_session and execute its setup_code."""
         session = await _blocking(sessions.start_new, experiment_name)
-        return _reply(_session_info(session))
+        return _session_info(session)
 
-    @mcp.tool()
-    async def start_session_resume_notebook(notebook_path: str) -> CallToolResult:
-        """Reopen an existing notebook in place with a fresh kernel and re-run all its code cells.
+    @mcp.tool(annotations=RUNS)
+    async def start_session_resume_notebook(
+        notebook_path: Annotated[str, Field(description="relative to the notebook directory, or absolute inside it")],
+        ctx: Context,
+    ) -> CallToolResult:
+        """Reopen an existing notebook in place with a fresh kernel and re-run all its code cells. Returns session_id, notebook_path, which cells failed (index, exception, message) and an outline of the notebook. Progress is reported per cell; cancelling stops between cells and leaves the session open (its id is in the progress messages and list_sessions)."""
+        return _text_result(await restore(sessions.resume, ctx, notebook_path))
 
-        notebook_path is relative to the notebook directory (or absolute inside it). Returns
-        session_id, notebook_path and a restoration summary: cells run and, for each failing
-        cell, its index, exception name and message.
-        """
-        session, summary = await _blocking(sessions.resume, notebook_path)
-        return _reply(_session_info(session, **summary))
+    @mcp.tool(annotations=RUNS)
+    async def start_session_continue_notebook(
+        notebook_path: Annotated[str, Field(description="relative to the notebook directory, or absolute inside it")],
+        ctx: Context,
+        experiment_name: Annotated[str | None, Field(description="optional name for the copy")] = None,
+    ) -> CallToolResult:
+        """Fork a notebook: copy it to a new file, start a kernel and re-run all code cells of the copy. The original file is not modified. Returns the same as start_session_resume_notebook, for the copy."""
+        return _text_result(await restore(sessions.continue_, ctx, notebook_path, experiment_name))
 
-    @mcp.tool()
-    async def start_session_continue_notebook(notebook_path: str, experiment_name: str | None = None) -> CallToolResult:
-        """Fork a notebook: copy it to a new file, start a kernel and re-run all code cells of the copy.
-
-        The original file is not modified. Returns the same as start_session_resume_notebook,
-        for the copy.
-        """
-        session, summary = await _blocking(sessions.continue_, notebook_path, experiment_name)
-        return _reply(_session_info(session, **summary))
-
-    @mcp.tool()
-    async def execute_code(session_id: str, code: str, ctx: Context) -> CallToolResult:
-        """Append a code cell to the session's notebook, run it, and return its outputs.
-
-        Returns stdout/stderr, the cell's value (Out[n]), errors as `Name: message` plus the
-        traceback, and images (e.g. matplotlib plots) as image content. Long output is cut in
-        the middle; the notebook keeps all of it. A cell running longer than the server's cell
-        timeout is interrupted; cancelling the request interrupts it too.
-        """
+    @mcp.tool(annotations=RUNS)
+    async def execute_code(
+        session_id: SessionId,
+        code: Annotated[str, Field(description="Python source for one new cell")],
+        ctx: Context,
+    ) -> CallToolResult:
+        """Append a code cell to the session's notebook, run it, and return its outputs. The first line says `error: Name: message` when the cell raised, else `[cell N · In [n] · ok]`; then stdout/stderr, the cell's value (Out[n]), the traceback, and images (e.g. matplotlib plots). Long output is cut in the middle (read_cell shows all of it); progress bars show their last state. A cell running longer than the server's cell timeout is interrupted; cancelling the request interrupts it too (or, if it is still waiting behind another cell, it never runs)."""
         session = await _blocking(sessions.get, session_id)
-        result = await _run_cell(ctx, session, lambda cb: session.execute(code, on_output=cb))
-        return _cell_result(session_id, result)
+        scribe.ensure_worker()
+        return await _run_cell(ctx, session, lambda cb, ticket: session.execute(code, on_output=cb, ticket=ticket))
 
-    @mcp.tool()
-    async def edit_cell(session_id: str, code: str, ctx: Context, cell_index: int = -1) -> CallToolResult:
-        """Replace the source of an existing code cell and re-run it (only that cell) in the current kernel.
-
-        cell_index counts code cells only, from 0; negative values count from the end
-        (-1 = the last code cell, the default). Returns the cell's new outputs.
-        """
+    @mcp.tool(annotations=RUNS)
+    async def edit_cell(
+        session_id: SessionId,
+        code: Annotated[str, Field(description="the cell's new Python source")],
+        ctx: Context,
+        cell_index: Annotated[int, Field(description="the cell's position in the notebook (as every result shows "
+                                                     "it); negative values count code cells from the end, and "
+                                                     "-1, the default, is the last code cell")] = -1,
+    ) -> CallToolResult:
+        """Replace the source of an existing code cell and re-run it (only that cell) in the current kernel. Returns the cell's new outputs, like execute_code."""
         session = await _blocking(sessions.get, session_id)
-        result = await _run_cell(ctx, session, lambda cb: session.edit_cell(code, cell_index, on_output=cb))
-        return _cell_result(session_id, result)
+        scribe.ensure_worker()
+        return await _run_cell(ctx, session, lambda cb, ticket: session.edit_cell(
+            code, cell_index, on_output=cb, ticket=ticket))
 
-    @mcp.tool()
-    async def add_markdown(session_id: str, content: str) -> CallToolResult:
-        """Append a markdown cell (notes, findings, conclusions) to the notebook. Returns its cell index."""
+    @mcp.tool(annotations=EDITS, structured_output=True)
+    async def add_markdown(
+        session_id: SessionId,
+        content: Annotated[str, Field(description="markdown text: notes, findings, conclusions")],
+    ) -> CellRef:
+        """Append a markdown cell to the notebook. Returns its cell_index (its position in the notebook)."""
         session = await _blocking(sessions.get, session_id)
-        index = await _blocking(session.add_markdown, content)
-        return _reply({"session_id": session_id, "cell_index": index})
+        return {"session_id": session_id, "cell_index": await _blocking(session.add_markdown, content)}
 
-    @mcp.tool()
-    async def init_session(session_id: str | None = None) -> CallToolResult:
-        """Get the setup code that creates `client`, how to use it, the model's name and the techniques.
-
-        Execute setup_code with execute_code once per session. Then define functions
-        fn(model, tokenizer, ...) in cells and run them with client.run(fn, ...).
-        """
+    @mcp.tool(annotations=READ_ONLY)
+    async def init_session(
+        session_id: Annotated[str | None, Field(description="optional; checked if given")] = None,
+    ) -> CallToolResult:
+        """Get the setup code that creates `client`, how to use it, the model's name and the ready-made techniques. Execute the setup code with execute_code once per session. Then define functions fn(model, tokenizer, ...) in cells and run them with client.run(fn, ...)."""
         if session_id is not None:
             await _blocking(sessions.get, session_id)
-        return _reply({
-            "setup_code": SETUP_CODE,
-            "instructions": INSTRUCTIONS,
-            "model": scribe.spec.display_name,
-            "mode": scribe.mode,
-            "techniques": await _blocking(_technique_catalog),
-        })
+        scribe.ensure_worker()
+        catalog = await _blocking(_technique_catalog)
+        return _text_result(init_text(scribe, catalog))
 
-    @mcp.tool()
-    async def shutdown_session(session_id: str) -> CallToolResult:
-        """Save the notebook and stop the session's kernel. The notebook stays on disk."""
+    @mcp.tool(annotations=DESTROYS, structured_output=True)
+    async def shutdown_session(session_id: SessionId) -> ShutdownInfo:
+        """Save the notebook and stop the session's kernel (a running cell is interrupted). The notebook stays on disk."""
         path = await _blocking(sessions.shutdown, session_id)
-        return _reply({"session_id": session_id, "notebook_path": str(path), "status": "shut down"})
+        return {"session_id": session_id, "notebook_path": str(path), "status": "shut down"}
 
-    @mcp.tool()
-    async def restart_session(session_id: str) -> CallToolResult:
-        """Give the session a fresh kernel on the same notebook (all variables are lost; cells stay).
-
-        Use when the kernel is wedged. Re-run the setup code afterwards.
-        """
+    @mcp.tool(annotations=DESTROYS, structured_output=True)
+    async def restart_session(session_id: SessionId) -> ShutdownInfo:
+        """Give the session a fresh kernel on the same notebook (all variables are lost; cells stay). Use when the kernel is wedged. Re-run the setup code afterwards."""
         session = await _blocking(sessions.get, session_id)
         await _blocking(session.restart)
-        return _reply(_session_info(session, status="restarted"))
+        return {**_session_info(session), "status": "restarted"}
 
-    @mcp.tool()
-    async def list_sessions() -> CallToolResult:
+    @mcp.tool(annotations=READ_ONLY, structured_output=True)
+    async def list_sessions() -> SessionList:
         """List the live sessions with their notebook paths."""
-        return _reply({"sessions": [_session_info(s) for s in sessions.sessions.values()]})
+        return {"sessions": [_session_info(s) for s in list(sessions.sessions.values())]}
 
+    @mcp.tool(annotations=READ_ONLY, structured_output=True)
+    async def notebook_outline(
+        session_id: Annotated[str | None, Field(description="a live session (or pass notebook_path)")] = None,
+        notebook_path: Annotated[str | None, Field(description="a notebook inside the notebook directory")] = None,
+    ) -> Outline:
+        """List a notebook's cells: index (position), type, first line, status (ok / error / not run / markdown) and output size in characters. Use read_cell to see one cell in full."""
+        path, nb, _ = await _blocking(find_notebook, session_id, notebook_path)
+        return {"notebook_path": str(path), "cells": kernel.outline(nb)}
+
+    @mcp.tool(annotations=READ_ONLY, structured_output=True)
+    async def read_cell(
+        cell_index: CellIndex,
+        session_id: Annotated[str | None, Field(description="a live session (or pass notebook_path)")] = None,
+        notebook_path: Annotated[str | None, Field(description="a notebook inside the notebook directory")] = None,
+        offset: Annotated[int, Field(description="first character of the output to return", ge=0)] = 0,
+        limit: Annotated[int, Field(description="how many characters of output to return", ge=1,
+                                    le=RESULT_CHARS_MAX)] = 8000,
+    ) -> CellSlice:
+        """Read one cell's full source and a slice of its output text (offset/limit), e.g. the part a long result cut. `more` says whether output continues past this slice."""
+        def read():
+            _, nb, live = find_notebook(session_id, notebook_path)
+            if live is None:
+                return kernel.read_cell(nb, cell_index)
+            with live.lock:
+                return kernel.read_cell(nb, cell_index)
+
+        position, cell, text = await _blocking(read)
+        part = text[offset:offset + limit]
+        return {"cell_index": position, "type": cell.cell_type, "status": kernel.cell_status(cell),
+                "source": cell.source, "output": part, "output_offset": offset, "output_chars": len(text),
+                "more": offset + limit < len(text)}
+
+    @mcp.tool(annotations=RUNS)
+    async def insert_cell(
+        session_id: SessionId,
+        cell_index: Annotated[int, Field(description="the position the new cell takes (0 = top; the cells from "
+                                                     "there on move down one)")],
+        content: Annotated[str, Field(description="Python source (code) or markdown text")],
+        ctx: Context,
+        cell_type: Annotated[str, Field(description="code (run at once, in the current kernel) or markdown")] = "code",
+    ) -> CallToolResult:
+        """Insert a new cell at a position, e.g. a title at the top. A code cell runs immediately and its result comes back like execute_code's."""
+        session = await _blocking(sessions.get, session_id)
+        if cell_type == "markdown":
+            index = await _blocking(session.add_markdown, content, cell_index)
+            return _text_result(f"[cell {index} · markdown inserted]")
+        if cell_type != "code":
+            raise ToolError(f"cell_type must be 'code' or 'markdown', got {cell_type!r}")
+        scribe.ensure_worker()
+        return await _run_cell(ctx, session, lambda cb, ticket: session.execute(
+            content, on_output=cb, ticket=ticket, index=cell_index))
+
+    @mcp.tool(annotations=EDITS, structured_output=True)
+    async def edit_markdown(session_id: SessionId, cell_index: CellIndex,
+                            content: Annotated[str, Field(description="the new markdown text")]) -> CellRef:
+        """Replace the text of a markdown cell."""
+        session = await _blocking(sessions.get, session_id)
+        return {"session_id": session_id, "cell_index": await _blocking(session.edit_markdown, cell_index, content)}
+
+    @mcp.tool(annotations=DESTROYS, structured_output=True)
+    async def delete_cell(session_id: SessionId, cell_index: CellIndex) -> CellRef:
+        """Delete a cell (code or markdown) from the notebook; the cells after it move up one. Variables it created stay in the kernel."""
+        session = await _blocking(sessions.get, session_id)
+        deleted = await _blocking(session.delete_cell, cell_index)
+        return {"session_id": session_id, "cell_index": deleted["deleted"]}
+
+    @mcp.tool(annotations=EDITS, structured_output=True)
+    async def move_cell(session_id: SessionId, cell_index: CellIndex,
+                        to_index: Annotated[int, Field(description="the position the cell ends up at")]) -> CellRef:
+        """Move a cell to another position (nothing is re-run). Returns its new cell_index."""
+        session = await _blocking(sessions.get, session_id)
+        return {"session_id": session_id, "cell_index": await _blocking(session.move_cell, cell_index, to_index)}
+
+    # Tools only: do not advertise prompts and resources that have nothing behind them.
+    handlers = mcp._lowlevel_server._request_handlers
+    for method in ("prompts/list", "prompts/get", "resources/list", "resources/read", "resources/templates/list"):
+        handlers.pop(method, None)
     return mcp
+
+
+def init_text(scribe: Scribe, catalog: list[dict]) -> str:
+    techniques = "\n".join(f"- {t['signature']}: {t['summary']}" + (f" Returns {t['returns']}" if t.get("returns") else "")
+                           for t in catalog)
+    return (f"Setup code (run it once with execute_code):\n\n{SETUP_CODE}\n"
+            f"Model: {scribe.spec.display_name} (mode: {scribe.mode})\n\n"
+            f"How to use client:\n{_instructions()}\n\n"
+            f"Techniques (from techniques import NAME; client.run(NAME, ...)):\n{techniques}\n")
 
 
 def _technique_catalog() -> list[dict]:
@@ -335,27 +642,99 @@ def _technique_catalog() -> list[dict]:
 # Transports and entry point
 # ---------------------------------------------------------------------------
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
-def serve_http(mcp: MCPServer, host: str, port: int) -> None:
-    """Streamable HTTP at /mcp behind a bearer token (SCRIBE_TOKEN, or one generated now)."""
+
+def http_security(host: str, allowed_hosts: list[str]):
+    """DNS-rebinding protection stays on for every bind address: loopback names plus --allowed-host."""
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+    for name in allowed_hosts:
+        hosts += [name] if ":" in name.strip("[]") or name.startswith("[") and "]:" in name else [name, f"{name}:*"]
+    origins = [f"http://{h}" for h in hosts] + [f"https://{h}" for h in hosts]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
+                                     allowed_origins=origins)
+
+
+def bearer_guard(app, token: str):
+    """ASGI wrapper: exactly one `Authorization: Bearer <token>` header, compared in constant time."""
+    expected = token.encode()
+
+    async def guarded(scope, receive, send):
+        if scope["type"] == "http":
+            values = [v for k, v in scope["headers"] if k == b"authorization"]
+            scheme, _, given = values[0].partition(b" ") if len(values) == 1 else (b"", b"", b"")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), expected):
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"text/plain"), (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": b"missing or wrong bearer token\n"})
+                return
+        await app(scope, receive, send)
+
+    return guarded
+
+
+def raise_open_file_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def serve_http(mcp: MCPServer, host: str, port: int, allowed_hosts: list[str]) -> None:
+    """Streamable HTTP at /mcp behind a bearer token (SCRIBE_TOKEN, or one generated now).
+
+    Hardened against idle connections: the open-file limit is raised, connections that send
+    no complete request within HEADER_TIMEOUT are closed, at most MAX_CONNECTIONS are served,
+    and running out of file descriptors pauses accepting instead of killing the server.
+    """
     import uvicorn
 
     token = os.environ.get("SCRIBE_TOKEN") or secrets.token_urlsafe(24)
     if not os.environ.get("SCRIBE_TOKEN"):
         print(f"[scribe] bearer token: {token}", file=sys.stderr, flush=True)
-    app = mcp.streamable_http_app(host=host)
-    expected = f"Bearer {token}".encode()
-
-    async def with_token(scope, receive, send):
-        if scope["type"] == "http" and dict(scope["headers"]).get(b"authorization") != expected:
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"text/plain"), (b"www-authenticate", b"Bearer")]})
-            await send({"type": "http.response.body", "body": b"missing or wrong bearer token\n"})
-            return
-        await app(scope, receive, send)
-
+    if host not in LOOPBACK:
+        print(f"[scribe] warning: listening on {host}: the bearer token travels in clear text unless a TLS "
+              "proxy sits in front. Clients must use a Host name given with --allowed-host.",
+              file=sys.stderr, flush=True)
+    limit = raise_open_file_limit()
+    app = mcp.streamable_http_app(host=host, transport_security=http_security(host, allowed_hosts))
     print(f"[scribe] serving MCP on http://{host}:{port}/mcp", file=sys.stderr, flush=True)
-    uvicorn.run(with_token, host=host, port=port, log_level="warning")
+    config = uvicorn.Config(bearer_guard(app, token), host=host, port=port, log_level="critical",
+                            http=_http_protocol(), timeout_keep_alive=HEADER_TIMEOUT,
+                            limit_concurrency=max(64, min(MAX_CONNECTIONS, limit - 256)))
+    uvicorn.Server(config).run()
+
+
+HEADER_TIMEOUT = 10
+MAX_CONNECTIONS = 4096
+
+
+def _http_protocol():
+    """uvicorn's h11 protocol, plus: a connection must send its request head within HEADER_TIMEOUT."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(HEADER_TIMEOUT, self._head_timeout)
+
+        def _head_timeout(self):
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            self._head_timer.cancel()
+            super().data_received(data)
+
+        def connection_lost(self, exc):
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return TimedH11
 
 
 @contextlib.asynccontextmanager
@@ -390,26 +769,28 @@ def main(argv: list[str] | None = None) -> None:
     scribe = Scribe(args)
 
     def terminate(*_) -> None:
-        # The MCP SDK's event loop does not unwind on a signal: clean up from a thread, then leave.
+        # The MCP SDK's event loop does not unwind on a signal: clean up from a thread, then
+        # leave. Claude Code sends SIGINT, SIGTERM 100 ms later and SIGKILL 400 ms after that.
         def close_and_exit() -> None:
-            scribe.close()
-            os._exit(0)
+            try:
+                scribe.close()
+            finally:
+                os._exit(0)
 
         threading.Thread(target=close_and_exit, daemon=True).start()
 
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
     try:
         mcp = build_server(scribe)
         if args.transport == "http":
-            serve_http(mcp, args.host, args.port)
+            serve_http(mcp, args.host, args.port, args.allowed_host)
         else:
             if sys.stdin.isatty():  # a person started it by hand: say what it is waiting for
                 print(f"[scribe] MCP server on stdio with {scribe.spec.display_name}, waiting for an MCP "
                       "client; connect an agent with `python scribe_mcp.py --print-config claude`. "
                       "Ctrl-C stops it.", file=sys.stderr, flush=True)
             mcp.run()
-    except KeyboardInterrupt:
-        pass
     finally:
         scribe.close()
 

@@ -75,8 +75,14 @@ def test_edit_cell_reruns_only_that_cell_and_checks_the_index(sessions):
     nb = saved(s.path)
     assert [c.cell_type for c in nb.cells] == ["code", "code", "markdown"]
     assert nb.cells[1].source == "counter += 10\ncounter" and nb.cells[0].source == "'first'"
-    with pytest.raises(kernel.SessionError, match=r"valid indices are 0\.\.1 or -2\.\.-1"):
+    with pytest.raises(kernel.SessionError, match=r"valid indices are 0\.\.2 or -3\.\.-1"):
         s.edit_cell("x", cell_index=5)
+    with pytest.raises(kernel.SessionError, match="cell 2 is a markdown cell: edit it with edit_markdown"):
+        s.edit_cell("x", cell_index=2)
+    with pytest.raises(kernel.SessionError, match="whole number, got True"):
+        s.edit_cell("x", cell_index=True)
+    with pytest.raises(kernel.SessionError, match="code is empty"):
+        s.edit_cell("  \n", cell_index=0)
     assert len(saved(s.path).cells) == 3  # nothing lost
 
 
@@ -160,8 +166,10 @@ def test_resume_reruns_cells_and_reports_failures(sessions, nbdir):
 
     resumed, summary = sessions.resume(path.name)
     assert resumed.path == path
+    outline = summary.pop("outline")
     assert summary == {"cells_run": 3, "errors": [{"cell_index": 1, "ename": "NameError",
                                                    "evalue": "name 'undefined_name' is not defined"}]}
+    assert outline.splitlines()[1].startswith("  1 code error (") and outline.endswith("3 markdown: text")
     assert resumed.execute("a").text == "Out[4]: 21\n"
     assert len(saved(path).cells) == 5
 

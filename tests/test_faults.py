@@ -1,0 +1,292 @@
+"""Nothing lost, nobody blocked: floods, cancels, faults and hostile input on real kernels and files."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import kernel
+
+
+@pytest.fixture
+def nbdir(tmp_path):
+    return tmp_path / "notebooks"
+
+
+@pytest.fixture
+def sessions(nbdir):
+    m = kernel.SessionManager(nbdir, cell_timeout=40)
+    yield m
+    m.shutdown_all()
+
+
+def saved(path: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    return nb
+
+
+def stream_text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o["output_type"] == "stream")
+
+
+# -- 1. output floods -------------------------------------------------------------------------
+
+def test_a_flood_of_flushed_lines_loses_nothing_and_finishes_promptly(sessions):
+    s = sessions.start_new("flood")
+    s.execute("x = 'kept'")
+    start = time.monotonic()
+    r = s.execute("import sys\nfor i in range(4000):\n    sys.stdout.write('y' * 1023 + '\\n'); sys.stdout.flush()\n"
+                  "print('DONE')")
+    assert r.status == "ok", r.text
+    assert time.monotonic() - start < 20
+    text = stream_text(saved(s.path).cells[1])
+    assert text.count("\n") == 4001 and text.endswith("DONE\n")
+    assert r.text.rstrip().endswith("DONE") and "characters cut" in r.text
+    assert s.execute("x").text == "Out[3]: 'kept'\n"  # the kernel was not restarted
+
+
+def test_logging_floods_keep_every_line(sessions):
+    s = sessions.start_new("logging")
+    r = s.execute("import logging, sys\nlog = logging.getLogger('flood')\nlog.addHandler(logging.StreamHandler(sys.stderr))\n"
+                  "log.setLevel(logging.INFO)\nfor i in range(20000):\n    log.info('line %d', i)\nprint('DONE')")
+    assert r.status == "ok", r.text
+    cell = saved(s.path).cells[0]
+    err = next(o["text"] for o in cell.outputs if o.get("name") == "stderr")
+    assert err.count("\n") == 20000 and "line 19999\n" in err
+
+
+def test_progress_bars_collapse_to_their_last_state(sessions):
+    s = sessions.start_new("tqdm")
+    r = s.execute("import sys\nfor i in range(10001):\n    sys.stderr.write(f'\\rstep {i:>5}/10000 ' + '#' * (i // 500))\n"
+                  "    sys.stderr.flush()\nsys.stderr.write('\\n'); sys.stderr.flush()\nprint('trained')")
+    assert r.status == "ok"
+    assert "step 10000/10000 ####################\n" in r.text and "step  9999" not in r.text
+    assert len(r.text) < 200, r.text
+    err = next(o["text"] for o in saved(s.path).cells[0].outputs if o.get("name") == "stderr")
+    assert err == "step 10000/10000 " + "#" * 20 + "\n"
+
+
+def test_carriage_returns_are_applied_like_jupyter():
+    assert kernel.collapse_cr("abc\rde\n") == "dec\n"
+    assert kernel.collapse_cr("a\r\nb") == "a\nb"
+    assert kernel.collapse_cr("50%\r100%\ndone\r") == "100%\ndone"
+    # Streaming in arbitrary chunks gives what the whole text gives.
+    text = "".join(f"\r{i:>4}/300" + ("\n" if i % 97 == 0 else "") for i in range(300)) + "\nend\n"
+    out = nbformat.v4.new_output("stream", name="stdout", text="")
+    stream = kernel._Stream(out)
+    stream.COMPACT_AT = 50
+    for k in range(0, len(text), 7):
+        stream.add(text[k:k + 7])
+    stream.flush()
+    assert out.text == kernel.collapse_cr(text)
+
+
+# -- 3. notebooks and cells ---------------------------------------------------------------------
+
+def test_one_live_session_per_notebook(sessions):
+    s = sessions.start_new("owned")
+    s.execute("1")
+    with pytest.raises(kernel.SessionError, match=f"open in live session {s.id}"):
+        sessions.resume(s.path.name)
+    assert len(sessions.sessions) == 1
+    sessions.shutdown(s.id)
+    resumed, _ = sessions.resume(s.path.name)
+    assert resumed.path == s.path
+
+
+def test_a_cancelled_queued_cell_never_runs_and_the_running_one_goes_on(sessions):
+    s = sessions.start_new("queue")
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("a", s.execute("import time\ntime.sleep(1.5)\n'a done'")))
+    first.start()
+    time.sleep(0.3)
+    ticket = kernel.Ticket()
+    second = threading.Thread(target=lambda: results.setdefault("b", _catch(lambda: s.execute("ran = True", ticket=ticket))))
+    second.start()
+    time.sleep(0.2)
+    assert ticket.cancel()  # still waiting for the session
+    first.join()
+    second.join()
+    assert results["a"].status == "ok" and "'a done'" in results["a"].text
+    assert isinstance(results["b"], kernel.Cancelled)
+    assert "NameError" in s.execute("ran").text
+    assert [c.source for c in saved(s.path).cells] == ["import time\ntime.sleep(1.5)\n'a done'", "ran"]
+
+
+def _catch(fn):
+    try:
+        return fn()
+    except Exception as exc:
+        return exc
+
+
+def test_resume_reports_progress_per_cell_and_stops_when_asked(sessions):
+    s = sessions.start_new("slow-resume")
+    for i in range(4):
+        s.execute(f"import time\ntime.sleep(0.3)\nv{i} = {i}")
+    sessions.shutdown(s.id)
+    stop, messages = kernel.Stop(), []
+
+    def progress(message):
+        messages.append(message)
+        if len(messages) == 2:
+            stop.set()
+
+    resumed, summary = sessions.resume(s.path.name, on_progress=progress, stop=stop)
+    assert summary["stopped"] == "cancelled after 2 of 4 code cells" and summary["cells_run"] == 2
+    assert messages[0].startswith(f"session {resumed.id}: running cell 0 (1/4)")
+    assert resumed.id in sessions.sessions  # the session stays open
+    assert resumed.execute("v0").text.startswith("Out[")
+
+
+def test_an_image_that_cannot_be_shown_still_returns_the_cell(sessions):
+    s = sessions.start_new("bad-images")
+    huge = kernel.image_size  # a 20000x20000 PNG header: never decoded for the agent
+    code = ("import base64, struct, zlib\nfrom IPython.display import display, Image\n"
+            "def chunk(t, d):\n    return struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d))\n"
+            "png = b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 20000, 20000, 8, 2, 0, 0, 0))"
+            " + chunk(b'IEND', b'')\n"
+            "display({'image/png': base64.b64encode(png).decode(), 'text/plain': 'big'}, raw=True)\n"
+            "display({'image/png': base64.b64encode(b'not a png').decode(), 'text/plain': 'junk'}, raw=True)\n"
+            "print('after')")
+    r = s.execute(code)
+    assert r.status == "ok" and "after" in r.text and not r.images
+    assert len(r.notes) == 2 and "too large" in r.notes[0] and "could not be shown" in r.notes[1]
+    assert huge is kernel.image_size
+    assert len(saved(s.path).cells[0].outputs) == 3
+
+
+def test_a_failed_save_warns_and_the_next_cell_saves_everything(sessions, nbdir):
+    s = sessions.start_new("disk")
+    s.execute("a = 1")
+    import shutil
+    shutil.rmtree(nbdir)
+    nbdir.write_text("a file where the folder was")  # mkdir fails: like a full or read-only disk
+    r = s.execute("print(a + 1)")
+    assert r.status == "ok" and r.text == "2\n"
+    assert len(r.notes) == 1 and "could not be saved" in r.notes[0] and "tried again" in r.notes[0]
+    nbdir.unlink()  # the folder is gone entirely: recreated on the next save
+    r = s.execute("print(a + 2)")
+    assert r.notes == []
+    assert [c.source for c in saved(s.path).cells] == ["a = 1", "print(a + 1)", "print(a + 2)"]
+
+
+def test_a_kernel_killed_between_cells_is_reported(sessions):
+    s = sessions.start_new("killed")
+    s.execute("x = 1")
+    os.killpg(s.km.provisioner.pid, 9)
+    time.sleep(0.3)
+    r = s.execute("print('hi')")
+    assert r.status == "ok" and r.text == "hi\n"
+    assert any("kernel had died since your last cell" in n and "variables are gone" in n for n in r.notes)
+
+
+def test_shutdown_during_a_cell_is_quick_and_the_cell_says_why(sessions):
+    for code in ("import time\ntime.sleep(60)",
+                 "import time\nwhile True:\n    try:\n        time.sleep(0.05)\n    except KeyboardInterrupt:\n        pass"):
+        s = sessions.start_new("busy")
+        results = []
+        runner = threading.Thread(target=lambda: results.append(s.execute(code)))
+        runner.start()
+        time.sleep(1.0)
+        start = time.monotonic()
+        sessions.shutdown(s.id)
+        assert time.monotonic() - start <= 2.0
+        runner.join(5)
+        assert results and results[0].status == "interrupted", results
+        assert "shut down" in results[0].text and "ZMQ" not in results[0].text
+
+
+def test_notebooks_get_normal_permissions(sessions):
+    old = os.umask(0o022)
+    try:
+        s = sessions.start_new("perms")
+        s.execute("1")
+        assert stat.S_IMODE(os.stat(s.path).st_mode) == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_overlong_names_are_shortened(sessions, nbdir):
+    s = sessions.start_new("x" * 400)
+    assert len(s.path.name) < 140
+    fork, _ = sessions.continue_(s.path.name, experiment_name="y" * 300)
+    fork2, _ = sessions.continue_(fork.path.name)
+    assert len(fork2.path.name) < 140
+    with pytest.raises(kernel.SessionError, match="cannot open|no notebook"):
+        sessions.resume("z" * 300 + ".ipynb")
+
+
+def test_kernels_use_private_ipc_files_and_take_their_processes_along(nbdir, tmp_path):
+    runtime = tmp_path / "rt"
+    m = kernel.SessionManager(nbdir, runtime=runtime)
+    s = m.start_new("procs")
+    info = s.km.get_connection_info()
+    assert info["transport"] == "ipc" and str(info["ip"]).startswith(str(runtime))
+    assert Path(s.km.connection_file).parent == runtime / f"kernel-{s.id}"
+    r = s.execute("import subprocess\np = subprocess.Popen(['sleep', '300'])\np.pid")
+    child = int(r.text.split(": ")[1])
+    m.shutdown_all()
+    time.sleep(0.2)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    assert not any(runtime.iterdir())
+
+
+def test_no_tcp_warning_and_kernels_do_not_see_the_servers_secrets(nbdir):
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+    m = kernel.SessionManager(nbdir, kernel_env=env)
+    try:
+        s = m.start_new("env")
+        r = s.execute("import os\nsorted(k for k in os.environ if 'TOKEN' in k or 'API_KEY' in k)")
+        assert r.text == "Out[1]: []\n"
+        assert "without encryption" not in r.text
+    finally:
+        m.shutdown_all()
+
+
+def test_shutdown_all_is_fast_with_eight_sessions(nbdir):
+    m = kernel.SessionManager(nbdir)
+    for i in range(8):
+        m.start_new(f"s{i}").execute("x = 1")
+    start = time.monotonic()
+    m.shutdown_all()
+    assert time.monotonic() - start < 0.4
+    assert all(saved(p).cells for p in nbdir.glob("*.ipynb"))
+
+
+def test_outline_read_insert_move_delete_and_markdown_edits(sessions):
+    s = sessions.start_new("editing")
+    s.execute("print('x' * 20000)")
+    s.add_markdown("notes")
+    r = s.execute("1/0")
+    assert r.cell_index == 2 and r.status == "error"
+    title = s.add_markdown("# Title", 0)
+    assert title == 0 and [c.cell_type for c in s.cells] == ["markdown", "code", "markdown", "code"]
+    rows = kernel.outline(s.file.nb)
+    assert [(r["index"], r["type"], r["status"]) for r in rows] == [
+        (0, "markdown", "markdown"), (1, "code", "ok"), (2, "markdown", "markdown"), (3, "code", "error")]
+    assert rows[1]["output_chars"] == 20001 and rows[3]["first_line"] == "1/0"
+    at, cell, text = kernel.read_cell(s.file.nb, 1)
+    assert at == 1 and len(text) == 20001
+    inserted = s.execute("y = 2\ny", index=1)
+    assert inserted.cell_index == 1 and s.cells[1].source.startswith("y = 2")
+    assert s.move_cell(1, -1) == 4 and s.cells[4].source.startswith("y = 2")
+    assert s.edit_markdown(0, "# Better title") == 0
+    with pytest.raises(kernel.SessionError, match="not markdown"):
+        s.edit_markdown(1, "x")
+    assert s.delete_cell(2)["type"] == "markdown"
+    nb = saved(s.path)
+    assert [c.source.splitlines()[0] for c in nb.cells] == ["# Better title", "print('x' * 20000)", "1/0", "y = 2"]
+    assert s.edit_cell("z = 3", -1).cell_index == 3  # -1 is still the last code cell
+    with pytest.raises(kernel.SessionError, match="out of range"):
+        s.delete_cell(9)
