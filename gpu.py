@@ -33,6 +33,7 @@ import linecache
 import marshal
 import os
 import pickle
+import select
 import shutil
 import signal
 import socket
@@ -1237,10 +1238,10 @@ class LocalBackend:
 def _peer_closed(sock: socket.socket) -> bool:
     """Whether the other end hung up (e.g. the worker restarted since our last call)."""
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
+        if not select.select([sock], [], [], 0)[0]:
+            return False  # nothing to read: the connection is idle and open
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
         return True
 
 

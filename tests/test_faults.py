@@ -290,3 +290,159 @@ def test_outline_read_insert_move_delete_and_markdown_edits(sessions):
     assert s.edit_cell("z = 3", -1).cell_index == 3  # -1 is still the last code cell
     with pytest.raises(kernel.SessionError, match="out of range"):
         s.delete_cell(9)
+
+
+# -- 2. the shared worker: one call never blocks or kills another ------------------------------
+
+import gpu  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The server's arrangement: a supervised worker, kernels that only connect to it."""
+    runtime = tmp_path_factory.mktemp("rt")
+    socket_path = str(runtime / "worker.sock")
+    supervisor = gpu.WorkerSupervisor(gpu.ModelSpec(), socket_path, dict(os.environ))
+    supervisor.ensure()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCRIBE_")}
+    env.update({gpu.ENV_SOCKET: socket_path, gpu.ENV_OWNER: str(os.getpid())})
+    m = kernel.SessionManager(tmp_path_factory.mktemp("nb"), kernel_env=env, cell_timeout=60, runtime=runtime)
+    yield m, supervisor, socket_path
+    m.shutdown_all()
+    supervisor.stop()
+
+
+def _client_session(m, name):
+    s = m.start_new(name)
+    r = s.execute("from gpu import InterpClient\nclient = InterpClient()\nclient.run(lambda m, t: 'ready')")
+    assert r.status == "ok" and "'ready'" in r.text, r.text
+    return s
+
+
+def _worker_pid(socket_path):
+    sock = gpu.connect_worker(None, socket_path, os.getpid())
+    with sock:
+        return gpu.recv_msg(sock)["pid"]
+
+
+STUBBORN = ("def stubborn(model, tokenizer):\n    import time\n    while True:\n        try:\n"
+            "            time.sleep(0.2)\n        except BaseException:\n            continue\n")
+
+
+@pytest.mark.parametrize("ended_by", ["cell timeout", "shutdown of its session"])
+def test_a_call_that_swallows_interrupts_cannot_hold_the_worker(served, ended_by):
+    m, _, socket_path = served
+    a, b = _client_session(m, "stubborn"), _client_session(m, "bystander")
+    a.execute(STUBBORN)
+    before = _worker_pid(socket_path)
+    runner = threading.Thread(target=lambda: a.execute("client.run(stubborn)", timeout=2 if ended_by == "cell timeout" else 60))
+    runner.start()
+    time.sleep(1.0)
+    if ended_by != "cell timeout":
+        m.shutdown(a.id)
+    start = time.monotonic()
+    r = b.execute("client.run(lambda m, t: 42)")
+    assert r.status == "ok" and "Out[" in r.text and "42" in r.text, r.text
+    assert time.monotonic() - start < 2 + gpu.CANCEL_GRACE + 10
+    assert _worker_pid(socket_path) != before  # the stuck worker was replaced
+    runner.join(20)
+    r = b.execute("client.run(lambda m, t: 43)")  # and the bystander's connection keeps working
+    assert "43" in r.text, r.text
+
+
+def test_a_queued_calls_timeout_starts_when_it_runs_and_waiting_is_visible(served):
+    m, _, _ = served
+    a, b = _client_session(m, "long"), _client_session(m, "short")
+    results = {}
+    runner = threading.Thread(target=lambda: results.setdefault("a", a.execute(
+        "import time\nclient.run(lambda m, t: (time.sleep(3), 'a done')[1])")))
+    runner.start()
+    time.sleep(0.8)
+    seen = []
+    r = b.execute("import time\nclient.run(lambda m, t: (time.sleep(0.3), 'b done')[1], timeout=1.5)", on_output=seen.append)
+    runner.join()
+    assert r.status == "ok" and "'b done'" in r.text, r.text
+    assert f"waiting for the model, busy with session {a.id}'s call" in "".join(seen)
+    assert results["a"].status == "ok" and "'a done'" in results["a"].text
+
+
+def test_a_cancelled_queued_call_is_answered_at_once_and_never_runs(served):
+    m, _, _ = served
+    a, b = _client_session(m, "runs"), _client_session(m, "cancelled")
+    results = {}
+    runner = threading.Thread(target=lambda: results.setdefault("a", a.execute(
+        "import time\nclient.run(lambda m, t: (time.sleep(3), 'a done')[1])")))
+    runner.start()
+    time.sleep(0.8)
+    queued = threading.Thread(target=lambda: results.setdefault("b", b.execute(
+        "ran = []\nclient.run(lambda m, t: ran.append(1) or 'b ran')")))
+    queued.start()
+    time.sleep(0.8)
+    start = time.monotonic()
+    b.interrupt()
+    queued.join(10)
+    assert time.monotonic() - start < 1.5
+    assert "KeyboardInterrupt" in results["b"].text
+    runner.join()
+    assert results["a"].status == "ok" and "'a done'" in results["a"].text
+
+
+def test_idle_sessions_reconnect_after_the_worker_restarts(served):
+    m, _, socket_path = served
+    a, b = _client_session(m, "crasher"), _client_session(m, "idle")
+    pid = _worker_pid(socket_path)
+    r = a.execute("client.run(lambda m, t: __import__('os')._exit(3))")
+    assert "WorkerDiedError" in r.text
+    r = b.execute("client.run(lambda m, t: 'still fine')")
+    assert r.status == "ok" and "'still fine'" in r.text, r.text
+    assert _worker_pid(socket_path) != pid
+    stat_path = Path(f"/proc/{pid}/stat")
+    assert not stat_path.exists() or stat_path.read_text().split()[2] != "Z"  # reaped, not a zombie
+
+
+def test_leftover_threads_cannot_print_into_another_cell_and_torch_state_is_restored(served):
+    m, _, _ = served
+    a, b = _client_session(m, "noisy"), _client_session(m, "quiet")
+    r = a.execute("def noisy(model, tokenizer):\n    import threading, time, torch\n"
+                  "    def spam():\n        for _ in range(40):\n            print('SPAM'); time.sleep(0.05)\n"
+                  "    threading.Thread(target=spam, daemon=True).start()\n"
+                  "    torch.set_default_dtype(torch.float64); torch.set_grad_enabled(False)\n"
+                  "    torch.use_deterministic_algorithms(True); torch.set_num_threads(1)\n"
+                  "    return 'started'\nclient.run(noisy)")
+    assert "'started'" in r.text
+    r = b.execute("def state(model, tokenizer):\n    import time, torch\n    time.sleep(1)\n"
+                  "    return (str(torch.get_default_dtype()), torch.is_grad_enabled(),\n"
+                  "            torch.are_deterministic_algorithms_enabled(), torch.get_num_threads() > 1 or __import__('os').cpu_count() == 1)\n"
+                  "client.run(state)")
+    assert "SPAM" not in r.text
+    assert "('torch.float32', True, False, True)" in r.text, r.text
+
+
+def test_cell_defined_classes_dataclasses_and_lambdas_come_back(served):
+    m, _, _ = served
+    s = _client_session(m, "results")
+    r = s.execute("from dataclasses import dataclass\n@dataclass\nclass Finding:\n    layer: int\n    token: str\n"
+                  "class Box:\n    def __init__(self, v): self.v = v\n"
+                  "out = client.run(lambda m, t: {'f': Finding(3, ' Paris'), 'box': Box(7), 'fn': lambda x: x + 1})\n"
+                  "(out['f'], out['box'].v, out['fn'](1))")
+    assert r.status == "ok", r.text
+    assert "Finding(layer=3, token=' Paris'), 7, 2" in r.text
+
+
+def test_cancels_racing_the_end_of_calls_never_kill_the_worker(served):
+    _, _, socket_path = served
+    pid = _worker_pid(socket_path)
+    sock = gpu.connect_worker(None, socket_path, os.getpid())
+    gpu.recv_msg(sock)
+    payload = gpu.dumps_call(lambda model, tokenizer, i: i, (), {"i": 0})
+    for i in range(200):
+        gpu.send_msg(sock, {"op": "call", "id": i, "payload": payload})
+        gpu.send_msg(sock, {"op": "cancel", "id": i})
+    done = set()
+    sock.settimeout(30)
+    while len(done) < 200:
+        msg = gpu.recv_msg(sock)
+        if msg["op"] == "result":
+            done.add(msg["id"])
+    sock.close()
+    assert _worker_pid(socket_path) == pid
