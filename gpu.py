@@ -770,6 +770,8 @@ def start_worker(spec: ModelSpec, socket_path: str, owner_pid: int, env: dict | 
     The caller reaps the process (wait()).
     """
     env = dict(os.environ if env is None else env)
+    # torch would otherwise leave an empty torchinductor_<user> folder in the temp dir.
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root(spec) / "torchinductor"))
     here = str(Path(__file__).resolve().parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
     with open(socket_path + ".log", "ab") as log:

@@ -167,9 +167,9 @@ def render(outputs: list, output_limit: int = DEFAULT_OUTPUT_LIMIT,
 
 
 def error_text(out) -> str:
-    """An error output as `Name: message` plus its traceback, without colour codes."""
+    """An error output as its traceback (which ends with `Name: message`), without colour codes."""
     tb = _ANSI.sub("", "\n".join(out.get("traceback", [])))
-    return f"{out['ename']}: {out['evalue']}\n{tb}\n"
+    return f"{tb}\n" if tb.strip() else f"{out['ename']}: {out['evalue']}\n"
 
 
 def truncate(text: str, limit: int, hint: str = "read_cell shows all of it") -> str:

@@ -19,6 +19,7 @@ This process never imports torch: start-up is `import mcp` plus a little.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import contextlib
 import hmac
@@ -37,7 +38,9 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Annotated, TypedDict
+from typing import Annotated
+
+from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -214,6 +217,7 @@ class Scribe:
             image_max=args.image_max, idle_timeout=args.idle_timeout, kernel_env=kernel_env,
             runtime=self.runtime)
         self._closed = threading.Lock()
+        self.closed = False
 
     def ensure_worker(self) -> None:
         """Before anything that may call client.run: the worker runs (started lazily without --preload)."""
@@ -222,8 +226,13 @@ class Scribe:
 
     def close(self) -> None:
         """Save every notebook, stop every kernel and the worker, remove runtime files (once)."""
-        if not self._closed.acquire(blocking=False):
-            return
+        with self._closed:  # a second caller (SIGTERM after SIGINT) waits for the first to finish
+            if self.closed:
+                return
+            self.closed = True
+            self._close()
+
+    def _close(self) -> None:
         threads = [threading.Thread(target=self.sessions.shutdown_all, daemon=True)]
         if self.worker is not None:
             threads.append(threading.Thread(target=self.worker.stop, daemon=True))
@@ -241,8 +250,9 @@ class Scribe:
 
 def cell_text(result: kernel.CellResult) -> str:
     """A cell's result as the agent reads it: the verdict first, then the output."""
-    where = f"cell {result.cell_index} · In [{result.execution_count}]"
-    if result.status == "error":
+    count = " " if result.execution_count is None else result.execution_count
+    where = f"cell {result.cell_index} · In [{count}]"
+    if result.status in ("error", "died"):
         err = next(o for o in result.outputs if o.get("output_type") == "error")
         evalue = (err["evalue"].strip().splitlines() or [""])[0]
         head = f"error: {err['ename']}: {evalue}  [{where}]"
@@ -626,7 +636,7 @@ def build_server(scribe: Scribe) -> MCPServer:
 def init_text(scribe: Scribe, catalog: list[dict]) -> str:
     techniques = "\n".join(f"- {t['signature']}: {t['summary']}" + (f" Returns {t['returns']}" if t.get("returns") else "")
                            for t in catalog)
-    return (f"Setup code (run it once with execute_code):\n\n{SETUP_CODE}\n"
+    return (f"Setup code (run it once with execute_code):\n```python\n{SETUP_CODE}```\n\n"
             f"Model: {scribe.spec.display_name} (mode: {scribe.mode})\n\n"
             f"How to use client:\n{_instructions()}\n\n"
             f"Techniques (from techniques import NAME; client.run(NAME, ...)):\n{techniques}\n")
@@ -704,12 +714,26 @@ def serve_http(mcp: MCPServer, host: str, port: int, allowed_hosts: list[str]) -
     app = mcp.streamable_http_app(host=host, transport_security=http_security(host, allowed_hosts))
     print(f"[scribe] serving MCP on http://{host}:{port}/mcp", file=sys.stderr, flush=True)
     config = uvicorn.Config(bearer_guard(app, token), host=host, port=port, log_level="critical",
-                            http=_http_protocol(), timeout_keep_alive=HEADER_TIMEOUT,
+                            http=_http_protocol(), timeout_keep_alive=HEADER_TIMEOUT, timeout_graceful_shutdown=2,
                             limit_concurrency=max(64, min(MAX_CONNECTIONS, limit - 256)))
-    uvicorn.Server(config).run()
+
+    class Server(uvicorn.Server):
+        async def serve(self, sockets=None):
+            # asyncio reports EMFILE on accept through the loop's exception handler, and the SDK's
+            # rich log handler then imports a module -- which needs a file descriptor -- and the
+            # failure kills the loop. Report it in one line that needs no new file.
+            asyncio.get_running_loop().set_exception_handler(_report_loop_error)
+            await super().serve(sockets)
+
+    Server(config).run()
 
 
-HEADER_TIMEOUT = 10
+def _report_loop_error(loop, context) -> None:
+    with contextlib.suppress(Exception):
+        os.write(2, f"[scribe] {context.get('message')}: {context.get('exception')!r}\n".encode()[:500])
+
+
+HEADER_TIMEOUT = float(os.environ.get("SCRIBE_HTTP_HEADER_TIMEOUT", "10"))
 MAX_CONNECTIONS = 4096
 
 
@@ -792,7 +816,12 @@ def main(argv: list[str] | None = None) -> None:
                       "Ctrl-C stops it.", file=sys.stderr, flush=True)
             mcp.run()
     finally:
-        scribe.close()
+        try:
+            scribe.close()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            os._exit(0)  # never hang in interpreter shutdown on a leftover thread
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_execute_saves_outputs_in_jupyter_format(sessions):
     assert cell.execution_count == 1 and cell.outputs[2]["data"]["text/plain"] == "42"
 
     err = s.execute("def f():\n    raise ValueError('bad value')\nf()")
-    assert err.status == "error" and err.text.startswith("ValueError: bad value")
+    assert err.status == "error" and err.text.rstrip().endswith("ValueError: bad value")
     assert "\x1b[" not in err.text and "raise ValueError('bad value')" in err.text
     assert saved(s.path).cells[1].outputs[0]["ename"] == "ValueError"
 

@@ -53,6 +53,13 @@ def text(result) -> str:
     return result.content[0].text
 
 
+def as_claude_sees(result) -> str:
+    """What a client that prefers structured content (Claude Code) passes to the model."""
+    if result.structured_content is not None:
+        return json.dumps(result.structured_content)
+    return "\n".join(c.text for c in result.content if c.type == "text")
+
+
 def test_reference_workflow_end_to_end(tmp_path):
     nbdir = tmp_path / "notebooks"
 
@@ -61,25 +68,33 @@ def test_reference_workflow_end_to_end(tmp_path):
             tools = {t.name: t for t in (await s.list_tools()).tools}
             assert {"start_new_session", "start_session_resume_notebook", "start_session_continue_notebook",
                     "execute_code", "edit_cell", "add_markdown", "init_session", "shutdown_session",
-                    "restart_session", "list_sessions"} == set(tools)
-            assert "cell_index counts code cells" in tools["edit_cell"].description
+                    "restart_session", "list_sessions", "notebook_outline", "read_cell", "insert_cell",
+                    "edit_markdown", "delete_cell", "move_cell"} == set(tools)
+            assert "-1, the default, is the last code cell" in json.dumps(tools["edit_cell"].input_schema)
+            for tool in tools.values():  # every input documented, descriptions without docstring indentation
+                assert "\n    " not in tool.description
+                assert all(p.get("description") for p in tool.input_schema["properties"].values()), tool.name
+            assert tools["notebook_outline"].annotations.read_only_hint
+            assert tools["delete_cell"].annotations.destructive_hint
+            assert tools["list_sessions"].output_schema and not tools["execute_code"].output_schema
 
             started = (await call(s, "start_new_session", experiment_name="france")).structured_content
             sid, path = started["session_id"], Path(started["notebook_path"])
             assert path.parent == nbdir.resolve() and path.name.endswith("_france.ipynb")
 
-            init = (await call(s, "init_session")).structured_content
-            assert init["model"].startswith("SmolLM2-135M-Instruct")
-            assert "client.run" in init["instructions"]
-            names = {t["name"] for t in init["techniques"]}
-            assert {"logit_lens", "activation_patching", "steering"} <= names
-            assert all(t["summary"] and t["signature"].startswith(t["name"] + "(") for t in init["techniques"])
+            init = await call(s, "init_session")
+            seen = as_claude_sees(init)
+            assert init.structured_content is None and seen.startswith("Setup code (run it once with execute_code):")
+            setup_code = seen.split("```python\n")[1].split("```")[0]
+            assert setup_code.startswith("from gpu import InterpClient") and "client = InterpClient()" in setup_code
+            assert "Model: SmolLM2-135M-Instruct" in seen and "client.run" in seen
+            assert "- logit_lens(text" in seen and "- activation_patching(" in seen
 
-            setup = await call(s, "execute_code", session_id=sid, code=init["setup_code"])
-            assert "InterpClient" in text(setup) and setup.structured_content["status"] == "ok"
+            setup = await call(s, "execute_code", session_id=sid, code=setup_code)
+            assert as_claude_sees(setup).startswith("[cell 0 · In [1] · ok]\n<InterpClient")
             first = time.monotonic()
             answer = await call(s, "execute_code", session_id=sid, code=FRANCE_TECHNIQUE)
-            assert "' Paris'" in text(answer)
+            assert as_claude_sees(answer) == "[cell 1 · In [2] · ok]\nOut[2]: ' Paris'\n"
             assert time.monotonic() - first < 30
 
             md = await call(s, "add_markdown", session_id=sid, content="## Finding\nParis.")
@@ -87,7 +102,12 @@ def test_reference_workflow_end_to_end(tmp_path):
 
             edited = await call(s, "edit_cell", session_id=sid, cell_index=-1,
                                 code=FRANCE_TECHNIQUE.replace("France", "Italy"))
-            assert "' Rome'" in text(edited) and edited.structured_content["cell_index"] == 1
+            assert as_claude_sees(edited).startswith("[cell 1 · In [3] · ok]") and "' Rome'" in text(edited)
+
+            failed = await call(s, "execute_code", session_id=sid, code="client.run(lambda m, t: {}['missing'])")
+            seen = as_claude_sees(failed)
+            assert seen.startswith("error: KeyError: 'missing'  [cell 3 · In [4]]"), seen
+            assert seen.count("Traceback in the model worker") == 1
 
             plot = await call(s, "execute_code", session_id=sid,
                               code="import matplotlib.pyplot as plt\nplt.plot([1, 2, 4])\nplt.show()")
@@ -95,26 +115,48 @@ def test_reference_workflow_end_to_end(tmp_path):
             assert len(images) == 1 and images[0].mime_type == "image/png"
             assert base64.b64decode(images[0].data)[:4] == b"\x89PNG"
 
+            # Reading and reshaping the notebook through tools, with one numbering.
+            top = await call(s, "insert_cell", session_id=sid, cell_index=0, content="# Capitals", cell_type="markdown")
+            assert text(top) == "[cell 0 · markdown inserted]"
+            outline = (await call(s, "notebook_outline", session_id=sid)).structured_content["cells"]
+            assert [(c["index"], c["type"], c["status"]) for c in outline] == [
+                (0, "markdown", "markdown"), (1, "code", "ok"), (2, "code", "ok"), (3, "markdown", "markdown"),
+                (4, "code", "error"), (5, "code", "ok")]
+            long = await call(s, "execute_code", session_id=sid, code="print('A' * 9000 + 'END')")
+            assert "read_cell shows all of it" in text(long)
+            part = (await call(s, "read_cell", session_id=sid, cell_index=6, offset=8900, limit=200)).structured_content
+            assert part["output"] == "A" * 100 + "END\n" and part["more"] is False and part["output_chars"] == 9004
+            assert (await call(s, "move_cell", session_id=sid, cell_index=3, to_index=1)).structured_content["cell_index"] == 1
+            await call(s, "edit_markdown", session_id=sid, cell_index=1, content="## Finding\nParis and Rome.")
+            await call(s, "delete_cell", session_id=sid, cell_index=-1)
+            await call(s, "delete_cell", session_id=sid, cell_index=4)  # the failed cell
+
             listed = (await call(s, "list_sessions")).structured_content["sessions"]
             assert [x["session_id"] for x in listed] == [sid]
             await call(s, "shutdown_session", session_id=sid)
 
             nb = nbformat.read(path, as_version=4)
             nbformat.validate(nb)
-            assert [c.cell_type for c in nb.cells] == ["code", "code", "markdown", "code"]
-            assert "Rome" in nb.cells[1].outputs[0]["data"]["text/plain"]
+            assert [c.cell_type for c in nb.cells] == ["markdown", "markdown", "code", "code", "code"]
+            assert "Rome" in nb.cells[3].outputs[0]["data"]["text/plain"]
+            from_disk = (await call(s, "notebook_outline", notebook_path=path.name)).structured_content
+            assert len(from_disk["cells"]) == 5
 
-            resumed = (await call(s, "start_session_resume_notebook", notebook_path=path.name)).structured_content
-            assert resumed["notebook_path"] == str(path)
-            assert resumed["cells_run"] == 3 and resumed["errors"] == []
-            again = await call(s, "execute_code", session_id=resumed["session_id"],
+            resumed = await call(s, "start_session_resume_notebook", notebook_path=path.name)
+            seen = as_claude_sees(resumed)
+            assert f"notebook_path: {path}" in seen and "re-ran 3 code cells: 3 ok, 0 failed" in seen
+            assert "  0 markdown: # Capitals" in seen and "  3 code ok" in seen
+            new_sid = seen.split("\n")[0].split(": ")[1]
+            again = await call(s, "execute_code", session_id=new_sid,
                                code="client.run(top_token, text='The capital of France is')")
             assert "' Paris'" in text(again)
+            clash = await s.call_tool("start_session_resume_notebook", {"notebook_path": path.name})
+            assert clash.is_error and f"open in live session {new_sid}" in text(clash)
 
-            forked = (await call(s, "start_session_continue_notebook", notebook_path=str(path),
-                                 experiment_name="fork")).structured_content
-            assert forked["notebook_path"].endswith("_fork_continued.ipynb") and forked["cells_run"] == 4
-            assert len(nbformat.read(path, as_version=4).cells) == 5  # original: only the resumed session's cell
+            forked = as_claude_sees(await call(s, "start_session_continue_notebook", notebook_path=str(path),
+                                               experiment_name="fork"))
+            assert "_fork_continued.ipynb" in forked and "re-ran 4 code cells" in forked
+            assert len(nbformat.read(path, as_version=4).cells) == 6  # original: only the resumed session's cell
 
     anyio.run(scenario)
 
@@ -138,14 +180,18 @@ def test_errors_are_clear_tool_errors(tmp_path):
             await call(s, "execute_code", session_id=sid, code="x = 1")
             assert "valid indices are 0..0" in await error("edit_cell", session_id=sid, code="1", cell_index=3)
             assert "code is empty" in await error("execute_code", session_id=sid, code="   ")
+            assert "code is empty" in await error("edit_cell", session_id=sid, code="")
             assert "outside the notebook directory" in await error(
                 "start_session_resume_notebook", notebook_path=str(tmp_path / "outside.ipynb"))
             assert "not a valid Jupyter notebook" in await error(
                 "start_session_continue_notebook", notebook_path="broken.ipynb")
             assert "no notebook at" in await error("start_session_resume_notebook", notebook_path="nope.ipynb")
+            assert "either session_id" in await error("notebook_outline")
+            assert "cell_type must be" in await error("insert_cell", session_id=sid, cell_index=0, content="x",
+                                                      cell_type="raw")
 
             died = await call(s, "execute_code", session_id=sid, code="import os; os._exit(1)")
-            assert died.structured_content["status"] == "died" and "KernelDied" in text(died)
+            assert text(died).startswith("error: KernelDied: the kernel died") and "fresh kernel" in text(died)
             assert "NameError" in text(await call(s, "execute_code", session_id=sid, code="x"))
             restarted = await call(s, "restart_session", session_id=sid)
             assert restarted.structured_content["status"] == "restarted"
@@ -305,7 +351,7 @@ def test_sigterm_saves_notebooks_and_stops_everything(tmp_path):
     tool(3, "execute_code", session_id=sid, code="from gpu import InterpClient\nclient = InterpClient()")
     pids = tool(4, "execute_code", session_id=sid,
                 code="import os\nprint(os.getpid(), client.run(lambda model, tokenizer: __import__('os').getpid()))")
-    kernel_pid, worker_pid = map(int, pids["structuredContent"]["output"].split())
+    kernel_pid, worker_pid = map(int, pids["content"][0]["text"].splitlines()[1].split())
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) is not None
     deadline = time.monotonic() + 10
