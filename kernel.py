@@ -387,6 +387,45 @@ class _Stream:
 # ---------------------------------------------------------------------------
 
 
+def launch_kernel(runtime: Path, env: dict, cwd: str):
+    """Start an ipykernel; returns (KernelManager, client) once it answers."""
+    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # IPC sockets and the connection file in the server's private folder: no TCP port, no
+    # litter in ~/.local/share/jupyter, and one rmtree cleans everything.
+    km = KernelManager(transport="ipc", ip=str(runtime / "k"), connection_file=str(runtime / "connection.json"))
+    km.start_kernel(cwd=cwd, env=env)
+    kc = km.client()
+    # Never drop IOPub messages: the kernel's high-water mark would discard output (and the
+    # final idle status) whenever we fall behind a flood.
+    kc.context.setsockopt(zmq.RCVHWM, 0)
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+    except RuntimeError as exc:
+        stop_kernel(km, kc)
+        raise SessionError(f"the kernel did not start: {exc}") from None
+    return km, kc
+
+
+def kill_kernel(km) -> None:
+    """SIGKILL the kernel's process group: processes a cell started die with it."""
+    pid = getattr(getattr(km, "provisioner", None), "pid", None)
+    if pid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # the kernel leads its own group (start_new_session)
+        with contextlib.suppress(Exception):
+            km.provisioner.process.wait(timeout=2)
+
+
+def stop_kernel(km, kc) -> None:
+    if kc is not None:
+        kc.stop_channels()
+    if km is not None:
+        kill_kernel(km)
+        with contextlib.suppress(Exception):
+            km.cleanup_resources()
+
+
 class Session:
     """One kernel and one notebook. Calls on a session are serialized by its lock."""
 
@@ -411,47 +450,11 @@ class Session:
     # -- kernel life ------------------------------------------------------
 
     def start_kernel(self) -> None:
-        env = dict(self.manager.kernel_env)
-        env["SCRIBE_SESSION_ID"] = self.id
-        # Cells can `import gpu` and `from techniques import ...` from any notebook folder.
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PROJECT_DIR, env.get("PYTHONPATH")]))
-        env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-        self._runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # IPC sockets and the connection file in the server's private folder: no TCP port, no
-        # litter in ~/.local/share/jupyter, and one rmtree cleans everything.
-        km = KernelManager(transport="ipc", ip=str(self._runtime / "k"),
-                           connection_file=str(self._runtime / "connection.json"))
-        km.start_kernel(cwd=str(self.path.parent), env=env)
-        kc = km.client()
-        # Never drop IOPub messages: the kernel's high-water mark would discard output (and the
-        # final idle status) whenever we fall behind a flood.
-        kc.context.setsockopt(zmq.RCVHWM, 0)
-        kc.start_channels()
-        try:
-            kc.wait_for_ready(timeout=60)
-        except RuntimeError as exc:
-            kc.stop_channels()
-            km.shutdown_kernel(now=True)
-            raise SessionError(f"the kernel did not start: {exc}") from None
-        self.km, self.kc = km, kc
+        self.km, self.kc = launch_kernel(self._runtime, self.manager.env_for(self.id), str(self.path.parent))
 
     def stop_kernel(self) -> None:
-        if self.kc is not None:
-            self.kc.stop_channels()
-        if self.km is not None:
-            self._kill_kernel()
-            with contextlib.suppress(Exception):
-                self.km.cleanup_resources()
+        stop_kernel(self.km, self.kc)
         self.km = self.kc = None
-
-    def _kill_kernel(self) -> None:
-        """SIGKILL the kernel's process group: processes a cell started die with it."""
-        pid = getattr(getattr(self.km, "provisioner", None), "pid", None)
-        if pid:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)  # the kernel leads its own group (start_new_session)
-            with contextlib.suppress(Exception):
-                self.km.provisioner.process.wait(timeout=2)
 
     def restart(self) -> None:
         """A fresh kernel on the same notebook; every cell stays on disk.
@@ -460,7 +463,7 @@ class Session:
         """
         if not self.lock.acquire(timeout=0.1):
             # KernelManager is not thread-safe: kill the process and let the cell's thread notice.
-            self._kill_kernel()
+            kill_kernel(self.km)
             self.lock.acquire()
         try:
             self.stop_kernel()
@@ -485,7 +488,7 @@ class Session:
             self.interrupt()
             owned = self.lock.acquire(timeout=wait)
         if not owned:
-            self._kill_kernel()
+            kill_kernel(self.km)
             owned = self.lock.acquire(timeout=wait)
         try:
             self.file.save()
@@ -760,7 +763,7 @@ class SessionManager:
     def __init__(self, notebook_dir: str | Path = "notebooks", *, cell_timeout: float = DEFAULT_CELL_TIMEOUT,
                  output_limit: int = DEFAULT_OUTPUT_LIMIT, image_max: int = DEFAULT_IMAGE_MAX,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT, kernel_env: dict | None = None,
-                 runtime: str | Path | None = None):
+                 runtime: str | Path | None = None, spare_kernel: bool = False):
         self.notebook_dir = Path(notebook_dir).expanduser().resolve()
         self.notebook_dir.mkdir(parents=True, exist_ok=True)
         self.cell_timeout, self.output_limit, self.image_max = cell_timeout, output_limit, image_max
@@ -771,8 +774,50 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        # One kernel started ahead of need, so start_new_session does not wait ~0.5 s for one.
+        self._spare_wanted = spare_kernel
+        self._spare: tuple[str, object, object] | None = None
+        self._spare_lock = threading.Lock()
+        self._refill()
         if idle_timeout > 0:
             threading.Thread(target=self._reap_idle, daemon=True).start()
+
+    def env_for(self, session_id: str) -> dict:
+        env = dict(self.kernel_env)
+        env["SCRIBE_SESSION_ID"] = session_id
+        # Cells can `import gpu` and `from techniques import ...` from any notebook folder.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PROJECT_DIR, env.get("PYTHONPATH")]))
+        env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        return env
+
+    def _refill(self) -> None:
+        if self._spare_wanted and self._spare is None and not self._closed.is_set():
+            threading.Thread(target=self._start_spare, daemon=True).start()
+
+    def _start_spare(self) -> None:
+        if not self._spare_lock.acquire(blocking=False):
+            return  # one is being started already
+        try:
+            session_id = secrets.token_hex(4)
+            km, kc = launch_kernel(self.runtime / f"kernel-{session_id}", self.env_for(session_id),
+                                   str(self.notebook_dir))
+            with self._lock:
+                if not self._closed.is_set():
+                    self._spare, km = (session_id, km, kc), None
+            if km is not None:
+                stop_kernel(km, kc)
+        except Exception as exc:  # a session then starts its own kernel, and says why if that fails too
+            print(f"[scribe] spare kernel failed to start: {exc}", file=sys.stderr, flush=True)
+        finally:
+            self._spare_lock.release()
+
+    def _take_spare(self, path: Path):
+        """The spare kernel (id, km, kc) if it suits a notebook at `path`; call with self._lock held."""
+        spare = self._spare
+        if spare is None or path.parent != self.notebook_dir:
+            return None
+        self._spare = None
+        return spare
 
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id) if isinstance(session_id, str) else None
@@ -843,7 +888,10 @@ class SessionManager:
         self._closed.set()
         with self._lock:
             sessions, self.sessions = list(self.sessions.values()), {}
+            spare, self._spare = self._spare, None
         threads = [threading.Thread(target=s.shutdown, args=(0.15,), daemon=True) for s in sessions]
+        if spare:
+            threads.append(threading.Thread(target=stop_kernel, args=spare[1:], daemon=True))
         for t in threads:
             t.start()
         for t in threads:
@@ -857,18 +905,26 @@ class SessionManager:
             if other is not None:
                 raise SessionError(f"{path.name} is open in live session {other.id}: keep working there, "
                                    f"or shutdown_session({other.id!r}) first")
-            session_id = secrets.token_hex(4)
+            spare = self._take_spare(path)
+            session_id = spare[0] if spare else secrets.token_hex(4)
             session = Session(session_id, path, nb, self)
             self.sessions[session_id] = session  # claims the file before the (slow) kernel start
         try:
             with session.lock:  # the idle reaper and shutdown wait for the kernel to be up
                 session._save_or_raise()
-                session.start_kernel()
+                if spare and spare[1].is_alive():
+                    session.km, session.kc = spare[1], spare[2]
+                else:
+                    if spare:
+                        stop_kernel(spare[1], spare[2])
+                    session.start_kernel()
                 session.last_used = time.monotonic()
         except BaseException:
             with self._lock:
                 self.sessions.pop(session_id, None)
             raise
+        finally:
+            self._refill()
         return session
 
     def _new_path(self, name: str, slug: bool = True) -> Path:

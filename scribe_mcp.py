@@ -215,7 +215,7 @@ class Scribe:
         self.sessions = kernel.SessionManager(
             args.notebook_dir, cell_timeout=args.cell_timeout, output_limit=args.output_limit,
             image_max=args.image_max, idle_timeout=args.idle_timeout, kernel_env=kernel_env,
-            runtime=self.runtime)
+            runtime=self.runtime, spare_kernel=True)
         self._closed = threading.Lock()
         self.closed = False
 

@@ -40,7 +40,9 @@ def test_new_session_names_file_and_never_overwrites(sessions, nbdir):
     b = sessions.start_new("Logit Lens: France?")
     assert a.id != b.id and len(a.id) == 8
     assert a.path.parent == nbdir.resolve()
-    assert a.path.name.endswith("_logit-lens-france.ipynb") and b.path.name.endswith("_logit-lens-france_2.ipynb")
+    assert a.path.name.endswith("_logit-lens-france.ipynb")
+    same_minute = a.path.name[:16] == b.path.name[:16]
+    assert b.path.name.endswith("_logit-lens-france_2.ipynb" if same_minute else "_logit-lens-france.ipynb")
     assert a.path.name[:16].count("-") == 4  # YYYY-MM-DD-HH-MM
     assert saved(a.path).cells == []
     cwd = a.execute("import os, gpu, techniques\nprint(os.getcwd())")
@@ -328,3 +330,20 @@ def test_restart_unblocks_a_wedged_cell(sessions):
     runner.join(10)
     assert time.monotonic() - start < 10 and results and results[0].status == "died"
     assert s.execute("'fresh'").text == "Out[1]: 'fresh'\n"
+
+
+def test_a_spare_kernel_makes_new_sessions_start_at_once(nbdir):
+    m = kernel.SessionManager(nbdir, spare_kernel=True)
+    try:
+        for _ in range(2):
+            deadline = time.monotonic() + 20
+            while m._spare is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            start = time.monotonic()
+            s = m.start_new("quick")
+            assert time.monotonic() - start < 0.15
+            r = s.execute("import os\nos.environ['SCRIBE_SESSION_ID'], os.getcwd()")
+            assert r.text == f"Out[1]: ('{s.id}', '{nbdir.resolve()}')\n"
+    finally:
+        m.shutdown_all()
+    assert m._spare is None
