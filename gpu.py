@@ -337,7 +337,11 @@ def to_plain(value: Any, where: str = "result") -> Any:
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, dict):
-        return {to_plain(k, f"{where} key"): to_plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+        plain = {to_plain(k, f"{where} key"): to_plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+        # Techniques' results keep their type (a dict with a compact display) through `rebuild`;
+        # any other dict subclass (e.g. transformers' ModelOutput) becomes a plain dict.
+        rebuild = getattr(value, "rebuild", None)
+        return rebuild(plain) if callable(rebuild) else plain
     if isinstance(value, (list, tuple, set, frozenset)):
         items = [to_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
         if isinstance(value, list):

@@ -633,19 +633,36 @@ def build_server(scribe: Scribe) -> MCPServer:
     return mcp
 
 
-def init_text(scribe: Scribe, catalog: list[dict]) -> str:
-    techniques = "\n".join(f"- {t['signature']}: {t['summary']}" + (f" Returns {t['returns']}" if t.get("returns") else "")
-                           for t in catalog)
+def init_text(scribe: Scribe, catalog: dict) -> str:
+    def lines(entries, returns=True):
+        return "\n".join(f"- {t['signature']}: {t['summary']}" + (f" Returns {t['returns']}" if returns and t["returns"] else "")
+                         for t in entries)
+
     return (f"Setup code (run it once with execute_code):\n```python\n{SETUP_CODE}```\n\n"
             f"Model: {scribe.spec.display_name} (mode: {scribe.mode})\n\n"
             f"How to use client:\n{_instructions()}\n\n"
-            f"Techniques (from techniques import NAME; client.run(NAME, ...)):\n{techniques}\n")
+            f"Techniques (`from techniques import NAME`, then `client.run(NAME, ...)`; results are dicts that "
+            f"print as a short summary):\n{lines(catalog['techniques'])}\n\n"
+            f"Plots (run in the notebook, on a technique's result; `ax=` draws into your own subplot):\n"
+            f"{lines(catalog['plots'], returns=False)}\n\n"
+            f"Packages: the notebook kernel can import {', '.join(catalog['kernel_packages'])}; inside fn "
+            f"(the worker) also {', '.join(catalog['worker_packages'])}. Keep torch inside fn.\n")
 
 
-def _technique_catalog() -> list[dict]:
+KERNEL_PACKAGES = ("numpy", "pandas", "matplotlib", "scipy", "sklearn", "seaborn", "PIL")
+WORKER_PACKAGES = ("torch", "transformers", "nnsight", "peft", "accelerate", "einops")
+
+
+def _technique_catalog() -> dict:
+    import importlib.util
+
     import techniques  # light: every technique imports torch inside its own body
 
-    return techniques.catalog()
+    def importable(names):
+        return [n for n in names if importlib.util.find_spec(n) is not None]
+
+    return {"techniques": techniques.catalog(), "plots": techniques.catalog(techniques.PLOTS),
+            "kernel_packages": importable(KERNEL_PACKAGES), "worker_packages": importable(WORKER_PACKAGES)}
 
 
 # ---------------------------------------------------------------------------

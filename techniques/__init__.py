@@ -34,17 +34,37 @@ PLOTS = [plot_logit_lens, plot_patching, plot_attention]
 __all__ = [fn.__name__ for fn in TECHNIQUES + PLOTS]
 
 
-def catalog() -> list[dict]:
-    """Each technique's name, signature (without model and tokenizer) and one-line summary."""
+def catalog(functions=None) -> list[dict]:
+    """Each technique's name, signature (without model and tokenizer), one-line summary and what
+    it returns (from the docstring's "Returns ..." sentence)."""
     entries = []
-    for fn in TECHNIQUES:
-        params = list(inspect.signature(fn).parameters.values())[2:]
+    for fn in TECHNIQUES if functions is None else functions:
+        params = list(inspect.signature(fn).parameters.values())
+        if params[:2] and [p.name for p in params[:2]] == ["model", "tokenizer"]:
+            params = params[2:]
+        doc = inspect.getdoc(fn) or ""
         entries.append({
             "name": fn.__name__,
             "signature": f"{fn.__name__}({', '.join(_describe(p) for p in params)})",
-            "summary": inspect.getdoc(fn).splitlines()[0],
+            "summary": doc.splitlines()[0] if doc else "(no description)",
+            "returns": _returns(doc),
         })
     return entries
+
+
+def _returns(doc: str) -> str:
+    """The docstring's sentences from "Returns ..." to the end of that paragraph, as one line."""
+    lines = doc.splitlines()
+    start = next((i for i, line in enumerate(lines) if "Returns " in line), None)
+    if start is None:
+        return ""
+    text = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        text.append(line.strip())
+    joined = " ".join(text)
+    return joined[joined.index("Returns ") + len("Returns "):].strip()
 
 
 def _describe(param: inspect.Parameter) -> str:

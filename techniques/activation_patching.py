@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from ._result import GridResult
+
 
 def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: str, wrong_answer: str,
                         layers: list[int] | None = None, positions=None, component: str = "resid",
@@ -12,7 +14,7 @@ def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: st
     positions: None = each position separately, "all" = all positions at once, or a list.
     All patched runs of a batch go through the model as one batch (one forward per batch_size).
     Returns {"grid": [layer][column], "logit_diffs": [layer][column], "layers", "positions",
-    "tokens", "corrupted_tokens", "clean_logit_diff", "corrupted_logit_diff", "unpatched"}.
+    "component", "tokens", "corrupted_tokens", "clean_logit_diff", "corrupted_logit_diff"}.
     """
     import torch
 
@@ -47,7 +49,7 @@ def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: st
         diffs.append(batch_diffs[1:])
     corrupted_diff = unpatched
     raw_grid = torch.cat(diffs).reshape(len(layers), len(columns))
-    return {
+    return GridResult({
         "grid": normalize(raw_grid, clean_diff, corrupted_diff),
         "logit_diffs": raw_grid.tolist(),
         "layers": layers,
@@ -57,4 +59,4 @@ def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: st
         "corrupted_tokens": token_strings(tokenizer, ids_corrupted[0]),
         "clean_logit_diff": clean_diff,
         "corrupted_logit_diff": corrupted_diff,
-    }
+    })

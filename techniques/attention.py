@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from ._result import Result
+
 
 def attention_patterns(model, tokenizer, text: str, layers: list[int] | None = None,
                        heads: list[int] | None = None) -> dict:
@@ -28,9 +30,9 @@ def attention_patterns(model, tokenizer, text: str, layers: list[int] | None = N
             attentions = hf(**inputs, output_attentions=True).attentions
     finally:
         hf.set_attn_implementation(previous)
-    return {
+    return Result({
         "tokens": token_strings(tokenizer, inputs["input_ids"][0]),
         "layers": layers,
         "heads": heads,
         "patterns": [attentions[layer][0, heads].float().tolist() for layer in layers],
-    }
+    }, "attention_patterns")

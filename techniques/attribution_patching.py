@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from ._result import GridResult
+
 
 def attribution_patching(model, tokenizer, clean: str, corrupted: str, answer: str, wrong_answer: str,
                          layers: list[int] | None = None, positions=None, component: str = "resid") -> dict:
@@ -7,7 +9,9 @@ def attribution_patching(model, tokenizer, clean: str, corrupted: str, answer: s
 
     Estimate for patching site s: (clean_act(s) - corrupted_act(s)) . d metric / d act(s) on the
     corrupted run, normalised like activation_patching (clean = 1, corrupted = 0). Same
-    arguments and return shape as activation_patching; cheap enough for every layer and position.
+    arguments as activation_patching; cheap enough for every layer and position.
+    Returns {"grid": [layer][column], "estimated_logit_diffs", "layers", "positions", "component",
+    "tokens", "clean_logit_diff", "corrupted_logit_diff"}.
     """
     import torch
 
@@ -31,7 +35,7 @@ def attribution_patching(model, tokenizer, clean: str, corrupted: str, answer: s
             grid[i, j] = per_position[col].sum()
     clean_diff = float(clean_logits[0, -1, good] - clean_logits[0, -1, bad])
     corrupted_diff = float(metric.detach())
-    return {
+    return GridResult({
         "grid": normalize(grid + corrupted_diff, clean_diff, corrupted_diff),
         "estimated_logit_diffs": (grid + corrupted_diff).tolist(),
         "layers": layers,
@@ -40,4 +44,4 @@ def attribution_patching(model, tokenizer, clean: str, corrupted: str, answer: s
         "tokens": token_strings(tokenizer, ids_clean[0]),
         "clean_logit_diff": clean_diff,
         "corrupted_logit_diff": corrupted_diff,
-    }
+    })

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from ._result import ContributionResult
+
 
 def direct_logit_attribution(model, tokenizer, text: str, answer: str, wrong_answer: str,
                              position: int = -1) -> dict:
@@ -42,5 +44,5 @@ def direct_logit_attribution(model, tokenizer, text: str, answer: str, wrong_ans
         bias = float(direction @ norm.bias.float()) if layer_norm and norm.bias is not None else 0.0
         terms = {"embedding": project(embedding), "attn": [project(v) for v in attn], "mlp": [project(v) for v in mlp]}
     total = terms["embedding"] + sum(terms["attn"]) + sum(terms["mlp"]) + bias
-    return {**terms, "norm_bias": bias, "total": total,
-            "logit_diff": float(logits[0, pos, good] - logits[0, pos, bad])}
+    return ContributionResult({**terms, "norm_bias": bias, "total": total,
+                               "logit_diff": float(logits[0, pos, good] - logits[0, pos, bad])})

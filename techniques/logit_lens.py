@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from ._result import LensResult
+
 
 def logit_lens(model, tokenizer, text: str, layers: list[int] | None = None, positions=(-1,),
                top_k: int = 5, targets: list[str] | None = None) -> dict:
@@ -29,10 +31,10 @@ def logit_lens(model, tokenizer, text: str, layers: list[int] | None = None, pos
         hidden = torch.stack([saved[layer][0, pos] for layer in layers])  # [L, P, D]
         probs = a.unembed(model, hidden).float().softmax(-1)
     target_ids = {t: token_id(tokenizer, t) for t in targets or []}
-    return {
+    return LensResult({
         "tokens": token_strings(tokenizer, ids[0]),
         "layers": layers,
         "positions": pos,
         "top": top_tokens(tokenizer, probs, top_k),
         "target_probs": {t: probs[:, :, tid].tolist() for t, tid in target_ids.items()},
-    }
+    })

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from ._result import Result
+
 
 def get_model_info(model, tokenizer) -> dict:
     """Architecture, layer count, hidden size, heads, vocab, dtype, device and parameter count.
@@ -12,7 +14,7 @@ def get_model_info(model, tokenizer) -> dict:
     a = arch(model)
     cfg = _text_config(hf)
     param = next(hf.parameters())
-    return {
+    return Result({
         "architecture": type(hf).__name__,
         "family": a.family,
         "name_or_path": getattr(hf.config, "_name_or_path", ""),
@@ -26,4 +28,4 @@ def get_model_info(model, tokenizer) -> dict:
         "device": str(param.device),
         "n_params": sum(p.numel() for p in hf.parameters()),
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
-    }
+    }, "get_model_info")

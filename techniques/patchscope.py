@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from ._result import Result
+
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n? ->"
 
 
@@ -38,8 +40,8 @@ def patchscope(model, tokenizer, source_text: str, source_layer: int, source_pos
                 logits = model.lm_head.output.save()
             with tracer.invoke():
                 out = tracer.result.save()
-    return {
+    return Result({
         "source_token": tokenizer.decode([source[0, src_pos].item()]),
         "decoded": tokenizer.decode(out[0, target["input_ids"].shape[1]:], skip_special_tokens=True),
         "top": top_tokens(tokenizer, logits[0, -1].float().softmax(-1), top_k),
-    }
+    }, "patchscope")

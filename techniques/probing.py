@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from ._result import Result
+
 
 def _collect(model, tokenizer, texts, layers, position):
     """Activations [n_texts, n_layers, d_model], from one batched trace."""
@@ -37,7 +39,7 @@ def extract_activations(model, tokenizer, texts: list[str], layers: list[int] | 
 
     layers = arch(model).layers(layers)
     acts = _collect(model, tokenizer, texts, layers, position)
-    return {"layers": layers, "activations": acts.tolist()}
+    return Result({"layers": layers, "activations": acts.tolist()}, "extract_activations")
 
 
 def train_probe(model, tokenizer, texts: list[str], labels: list, layers: list[int] | None = None,
@@ -82,7 +84,7 @@ def train_probe(model, tokenizer, texts: list[str], labels: list, layers: list[i
         train_acc.append(float((predicted[train] == y[train]).float().mean()))
         test_acc.append(float((predicted[test] == y[test]).float().mean()))
     counts = torch.bincount(y[test], minlength=len(classes))
-    return {"layers": layers, "train_accuracy": train_acc, "test_accuracy": test_acc,
-            "best_layer": layers[max(range(len(layers)), key=test_acc.__getitem__)],
-            "chance": float(counts.max()) / n_test, "n_train": len(train), "n_test": n_test,
-            "classes": [str(c) for c in classes]}
+    return Result({"layers": layers, "train_accuracy": train_acc, "test_accuracy": test_acc,
+                   "best_layer": layers[max(range(len(layers)), key=test_acc.__getitem__)],
+                   "chance": float(counts.max()) / n_test, "n_train": len(train), "n_test": n_test,
+                   "classes": [str(c) for c in classes]}, "train_probe")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from ._result import Result
+
 
 def analyze_token_probs(model, tokenizer, text: str, top_k: int = 10, targets: list[str] | None = None) -> dict:
     """Next-token distribution after `text`: the top-k tokens and the probability of chosen targets.
@@ -15,8 +17,8 @@ def analyze_token_probs(model, tokenizer, text: str, top_k: int = 10, targets: l
     with torch.no_grad():
         logits = raw(model)(**inputs).logits[0, -1].float()
     probs = logits.softmax(-1)
-    return {
+    return Result({
         "top": top_tokens(tokenizer, probs, top_k),
         "targets": {t: float(probs[token_id(tokenizer, t)]) for t in targets or []},
         "entropy": float(-(probs * probs.clamp_min(1e-12).log()).sum()),
-    }
+    }, "analyze_token_probs")

@@ -400,3 +400,29 @@ def test_interrupting_the_cell_stops_the_call_in_the_worker(kernel_session):
     start = time.monotonic()
     assert "'still warm'" in run_ok(kernel_session, "client.run(lambda model, tokenizer: 'still warm')")
     assert time.monotonic() - start < 3
+
+
+def test_every_pattern_init_session_teaches_runs_as_taught(kernel_session):
+    """The instructions' trace rules, executed literally: .save(), a list made before the block,
+    plain HF calls and generate."""
+    code = '''
+def taught(model, tokenizer, text):
+    import torch
+    with model.trace(text):
+        h = model.model.layers[5].output.save()
+    hs = []
+    with model.trace(text):
+        for i in range(3):
+            hs.append(model.model.layers[i].output.save())
+    inputs = tokenizer(text, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        plain = model(**inputs, output_hidden_states=True)
+        lens = model.lm_head(plain.hidden_states[-1])
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    return (list(h.shape), len(hs), [list(x.shape) for x in hs], list(lens.shape),
+            tokenizer.decode(generated[0][inputs["input_ids"].shape[1]:]))
+
+print(client.run(taught, text="The capital of France is"))
+'''
+    out = run_ok(kernel_session, code)
+    assert "([1, 5, 576], 3, [[1, 5, 576], [1, 5, 576], [1, 5, 576]], [1, 5, 49152], ' Paris." in out, out

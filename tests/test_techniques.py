@@ -160,6 +160,37 @@ def test_ablation(client):
         client.run(T.ablation, text=FRANCE, answer=" Paris", components=["mlp3"])
 
 
+def test_ablation_one_component_at_a_time_matches_separate_calls(client):
+    """Known answer: each row of the batched per-component scan equals that component ablated alone."""
+    comps = ["L3.H2", "L3.H5", "L0.mlp", "L7.attn"]
+    scan = client.run(T.ablation, text=FRANCE, answer=" Paris", wrong_answer=" Rome", components=comps,
+                      separately=True)
+    assert [e["component"] for e in scan["effects"]] == comps
+    for effect in scan["effects"]:
+        alone = client.run(T.ablation, text=FRANCE, answer=" Paris", wrong_answer=" Rome",
+                           components=[effect["component"]])
+        assert effect["change"] == pytest.approx(alone["change"], abs=1e-3)
+    joint = client.run(T.ablation, text=FRANCE, answer=" Paris", wrong_answer=" Rome", components=comps)
+    assert joint["metric_before"] == pytest.approx(scan["metric_before"], abs=1e-4)
+    shown = repr(scan)
+    assert shown.startswith("ablation") and "largest changes:" in shown and "L0.mlp" in shown
+
+
+def test_results_display_compactly_in_the_notebook(kernel_session):
+    """Results stay dicts with every documented key, but a notebook shows a short summary."""
+    out = run_ok(kernel_session, "from techniques import logit_lens, activation_patching\n"
+                                 "lens = client.run(logit_lens, text='The capital of France is', targets=[' Paris'])\n"
+                                 "lens")
+    assert len(out) <= 1600 and "logit_lens" in out and "L29" in out and "Paris" in out, out
+    out = run_ok(kernel_session, "import json\nprint(type(lens).__name__, sorted(lens), len(json.dumps(lens)) > 5000)")
+    assert out == "LensResult ['layers', 'positions', 'target_probs', 'tokens', 'top'] True\n"
+    out = run_ok(kernel_session, "grid = client.run(activation_patching, clean='The Eiffel Tower is located in the city of', "
+                                 "corrupted='The Colosseum is located in the city of', answer=' Paris', wrong_answer=' Rome')\n"
+                                 "grid")
+    assert len(out) <= 1600 and "strongest cells:" in out and "iffel" in out, out
+    assert "torch" not in run_ok(kernel_session, "import sys\nprint([m for m in sys.modules if m == 'torch'])")
+
+
 def test_patchscope(client):
     prompt = "The capital of France is"
     same = client.run(T.patchscope, source_text=prompt, source_layer=12, target_prompt=prompt, max_new_tokens=4)
@@ -218,3 +249,31 @@ def test_importing_techniques_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", "import sys, techniques; print('torch' in sys.modules)"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_plot_helpers_take_model_numbers_and_axes_and_fail_with_a_sentence(kernel_session):
+    run_ok(kernel_session, "from techniques import attention_patterns, plot_attention, plot_patching, plot_logit_lens\n"
+                           "import matplotlib.pyplot as plt\n"
+                           "att = client.run(attention_patterns, text='The capital of France is', layers=[23], heads=[4])")
+    result = kernel_session.execute("plot_attention(att, 23, 4)")  # the README's call, with the model's numbers
+    assert result.status == "ok" and len(result.images) == 1
+    result = kernel_session.execute("fig, axes = plt.subplots(1, 2)\nplot_attention(att, 23, 4, ax=axes[0])\n"
+                                    "plot_logit_lens(lens, ax=axes[1])\nplt.show()")
+    assert result.status == "ok" and len(result.images) == 1, result.text
+    bad = kernel_session.execute("plot_attention(att, 5, 4)")
+    assert bad.status == "error" and "layer 5 is not in this result (it has layers [23])" in bad.text
+    bad = kernel_session.execute("plot_logit_lens(lens, target=' Rome')")
+    assert "target ' Rome' was not tracked" in bad.text
+
+
+def test_catalog_lists_returns_and_survives_a_technique_without_docstring():
+    entries = {e["name"]: e for e in T.catalog()}
+    assert entries["logit_lens"]["returns"].startswith('{"tokens", "layers", "positions"')
+    assert entries["steering"]["returns"].startswith('{"prompt", "baseline"')
+    assert all(e["returns"] for e in entries.values()), [n for n, e in entries.items() if not e["returns"]]
+
+    def bare(model, tokenizer, x=1):
+        return x
+
+    (entry,) = T.catalog([bare])
+    assert entry == {"name": "bare", "signature": "bare(x = 1)", "summary": "(no description)", "returns": ""}
