@@ -70,6 +70,9 @@ DEFAULT_CALL_TIMEOUT = float(os.environ.get("SCRIBE_CALL_TIMEOUT", "600"))
 WORKER_START_TIMEOUT = float(os.environ.get("SCRIBE_WORKER_START_TIMEOUT", "600"))
 # How long a timed-out call gets to react to the interrupt before the worker is killed.
 CANCEL_GRACE = 5.0
+# A call queued behind another session's for this long says so in its cell (shorter waits are
+# normal when sessions take turns, and would only add noise).
+QUEUE_NOTICE = 1.0
 
 
 @dataclass(frozen=True)
@@ -502,7 +505,8 @@ class Executor:
         self.interruptible = False
         self.cancel_pending = False
         self._raw = getattr(model, "_module", model)  # the HF module behind the nnsight wrapper
-        self._tables = [t for m in self._raw.modules() for t in _hook_tables(m, "_")]
+        self._modules = list(self._raw.modules())
+        self._tables = [t for m in self._modules for t in _hook_tables(m, "_")]
         self._tables += _hook_tables(torch.nn.modules.module, "_global_")
         self._baseline = [set(hooks) for hooks, _ in self._tables]
         self._globals = _torch_globals()
@@ -514,13 +518,16 @@ class Executor:
         its output-recording hooks lazily, on the first `output_hidden_states=True`.
         """
         for (hooks, flags), keep in zip(self._tables, self._baseline):
+            if not hooks:  # almost every table: nothing to look at
+                continue
             for key in [k for k in hooks if k not in keep]:
                 if not (getattr(hooks[key], "__module__", None) or "").startswith(_FRAMEWORKS):
                     del hooks[key]
                     for flag in flags:
                         flag.pop(key, None)
         _set_torch_globals(self._globals)
-        self._raw.eval()
+        if any(m.training for m in self._modules):  # eval() itself walks and sets ~400 modules
+            self._raw.eval()
 
     def execute(self, payload: bytes, emit: Callable[[str, str], None]) -> Reply:
         """Run one pickled call. Never raises for the call's own failures: they go in the reply."""
@@ -1172,18 +1179,23 @@ class LocalBackend:
                 send_msg(self.sock, {"op": "call", "id": call_id, "payload": payload, "who": self.who})
             except OSError:
                 return None
-            deadline = None
+            deadline = queued = None
             while True:
-                msg = self._recv(deadline)
+                # While queued, wake up once QUEUE_NOTICE has passed to say whom we wait for.
+                msg = self._recv(deadline if started or queued is None else queued[0] + QUEUE_NOTICE)
                 if msg is None:
-                    break  # timed out while running
+                    if started:
+                        break  # timed out while running
+                    on_output("stderr", f"[client.run: waiting for the model, busy with {queued[1]}'s call]\n")
+                    queued = None
+                    continue
                 if msg.get("id") != call_id:
                     continue
                 op = msg["op"]
                 if op == "started":
                     started, deadline = True, time.monotonic() + timeout
                 elif op == "queued":
-                    on_output("stderr", f"[client.run: waiting for the model, busy with {msg['behind']}'s call]\n")
+                    queued = (time.monotonic(), msg["behind"])
                 elif op == "out":
                     on_output(msg["stream"], msg["text"])
                 elif op == "retry":

@@ -293,6 +293,14 @@ def _tool_error(exc: Exception) -> ToolError:
     return ToolError(str(exc) if isinstance(exc, kernel.SessionError) else f"{type(exc).__name__}: {exc}")
 
 
+def _session(sessions: kernel.SessionManager, session_id: str) -> kernel.Session:
+    """A dictionary lookup: no thread hop (it is on every cell's path)."""
+    try:
+        return sessions.get(session_id)
+    except kernel.SessionError as exc:
+        raise _tool_error(exc) from None
+
+
 async def _blocking(fn, *args):
     """Run blocking session work in a thread; every failure becomes a readable tool error."""
     try:
@@ -496,7 +504,7 @@ def build_server(scribe: Scribe) -> MCPServer:
         ctx: Context,
     ) -> CallToolResult:
         """Append a code cell to the session's notebook, run it, and return its outputs. The first line says `error: Name: message` when the cell raised, else `[cell N · In [n] · ok]`; then stdout/stderr, the cell's value (Out[n]), the traceback, and images (e.g. matplotlib plots). Long output is cut in the middle (read_cell shows all of it); progress bars show their last state. A cell running longer than the server's cell timeout is interrupted; cancelling the request interrupts it too (or, if it is still waiting behind another cell, it never runs)."""
-        session = await _blocking(sessions.get, session_id)
+        session = _session(sessions, session_id)
         scribe.ensure_worker()
         return await _run_cell(ctx, session, lambda cb, ticket: session.execute(code, on_output=cb, ticket=ticket))
 
@@ -510,7 +518,7 @@ def build_server(scribe: Scribe) -> MCPServer:
                                                      "-1, the default, is the last code cell")] = -1,
     ) -> CallToolResult:
         """Replace the source of an existing code cell and re-run it (only that cell) in the current kernel. Returns the cell's new outputs, like execute_code."""
-        session = await _blocking(sessions.get, session_id)
+        session = _session(sessions, session_id)
         scribe.ensure_worker()
         return await _run_cell(ctx, session, lambda cb, ticket: session.edit_cell(
             code, cell_index, on_output=cb, ticket=ticket))
@@ -521,7 +529,7 @@ def build_server(scribe: Scribe) -> MCPServer:
         content: Annotated[str, Field(description="markdown text: notes, findings, conclusions")],
     ) -> CellRef:
         """Append a markdown cell to the notebook. Returns its cell_index (its position in the notebook)."""
-        session = await _blocking(sessions.get, session_id)
+        session = _session(sessions, session_id)
         return {"session_id": session_id, "cell_index": await _blocking(session.add_markdown, content)}
 
     @mcp.tool(annotations=READ_ONLY)
@@ -530,7 +538,7 @@ def build_server(scribe: Scribe) -> MCPServer:
     ) -> CallToolResult:
         """Get the setup code that creates `client`, how to use it, the model's name and the ready-made techniques. Execute the setup code with execute_code once per session. Then define functions fn(model, tokenizer, ...) in cells and run them with client.run(fn, ...)."""
         if session_id is not None:
-            await _blocking(sessions.get, session_id)
+            _session(sessions, session_id)
         scribe.ensure_worker()
         catalog = await _blocking(_technique_catalog)
         return _text_result(init_text(scribe, catalog))
@@ -544,7 +552,7 @@ def build_server(scribe: Scribe) -> MCPServer:
     @mcp.tool(annotations=DESTROYS, structured_output=True)
     async def restart_session(session_id: SessionId) -> ShutdownInfo:
         """Give the session a fresh kernel on the same notebook (all variables are lost; cells stay). Use when the kernel is wedged. Re-run the setup code afterwards."""
-        session = await _blocking(sessions.get, session_id)
+        session = _session(sessions, session_id)
         await _blocking(session.restart)
         return {**_session_info(session), "status": "restarted"}
 
@@ -595,7 +603,7 @@ def build_server(scribe: Scribe) -> MCPServer:
         cell_type: Annotated[str, Field(description="code (run at once, in the current kernel) or markdown")] = "code",
     ) -> CallToolResult:
         """Insert a new cell at a position, e.g. a title at the top. A code cell runs immediately and its result comes back like execute_code's."""
-        session = await _blocking(sessions.get, session_id)
+        session = _session(sessions, session_id)
         if cell_type == "markdown":
             index = await _blocking(session.add_markdown, content, cell_index)
             return _text_result(f"[cell {index} · markdown inserted]")
@@ -609,13 +617,13 @@ def build_server(scribe: Scribe) -> MCPServer:
     async def edit_markdown(session_id: SessionId, cell_index: CellIndex,
                             content: Annotated[str, Field(description="the new markdown text")]) -> CellRef:
         """Replace the text of a markdown cell."""
-        session = await _blocking(sessions.get, session_id)
+        session = _session(sessions, session_id)
         return {"session_id": session_id, "cell_index": await _blocking(session.edit_markdown, cell_index, content)}
 
     @mcp.tool(annotations=DESTROYS, structured_output=True)
     async def delete_cell(session_id: SessionId, cell_index: CellIndex) -> CellRef:
         """Delete a cell (code or markdown) from the notebook; the cells after it move up one. Variables it created stay in the kernel."""
-        session = await _blocking(sessions.get, session_id)
+        session = _session(sessions, session_id)
         deleted = await _blocking(session.delete_cell, cell_index)
         return {"session_id": session_id, "cell_index": deleted["deleted"]}
 
@@ -623,7 +631,7 @@ def build_server(scribe: Scribe) -> MCPServer:
     async def move_cell(session_id: SessionId, cell_index: CellIndex,
                         to_index: Annotated[int, Field(description="the position the cell ends up at")]) -> CellRef:
         """Move a cell to another position (nothing is re-run). Returns its new cell_index."""
-        session = await _blocking(sessions.get, session_id)
+        session = _session(sessions, session_id)
         return {"session_id": session_id, "cell_index": await _blocking(session.move_cell, cell_index, to_index)}
 
     # Tools only: do not advertise prompts and resources that have nothing behind them.

@@ -342,8 +342,8 @@ def test_a_spare_kernel_makes_new_sessions_start_at_once(nbdir):
             start = time.monotonic()
             s = m.start_new("quick")
             assert time.monotonic() - start < 0.15
-            r = s.execute("import os\nos.environ['SCRIBE_SESSION_ID'], os.getcwd()")
-            assert r.text == f"Out[1]: ('{s.id}', '{nbdir.resolve()}')\n"
+            r = s.execute("import os\nprint(os.environ['SCRIBE_SESSION_ID'], os.getcwd())")
+            assert r.text == f"{s.id} {nbdir.resolve()}\n"
     finally:
         m.shutdown_all()
     assert m._spare is None
