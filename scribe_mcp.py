@@ -106,6 +106,10 @@ def _env(name: str, default: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scribe_mcp.py",
         description="Scribe: an MCP server for interpretability research in Jupyter notebooks. "
@@ -157,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                "my-box:8765 or my-box:* (repeatable) [SCRIBE_ALLOWED_HOSTS]")
     p.add_argument("--print-config", choices=("claude",), metavar="claude",
                    help="print the `claude mcp add` command and the mcpServers JSON for this checkout, then exit")
-    return p.parse_args(argv)
+    return p
 
 
 def child_env(mode: str, secrets_for: dict[str, tuple[str, ...]], extra: list[str]) -> dict:

