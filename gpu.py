@@ -88,6 +88,10 @@ class ModelSpec:
     # "sdpa" is faster on long contexts but silently returns no attentions.
     attn_implementation: str = "eager"
     remote: str = ""  # "" = run here; "ndif" = nnsight traces run on NDIF; "local" = NDIF dry run
+    # Experiments (see experiment.py): what the agent must not learn.
+    system_prompt: str = ""  # a hidden system prompt, put into every chat template applied
+    alias: str = ""  # the only name the agent sees for the model
+    base_model: str = ""  # a full fine-tune's base, loaded beside it for diffing
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -98,7 +102,7 @@ class ModelSpec:
 
     @property
     def display_name(self) -> str:
-        return self.model or EMBEDDED_NAME
+        return self.alias or self.model or EMBEDDED_NAME
 
 
 def cache_root(spec: ModelSpec) -> Path:
@@ -198,19 +202,108 @@ def load_model(spec: ModelSpec):
             raise ValueError(f"unknown dtype {spec.dtype!r}: use float32, bfloat16 or float16")
     # device_map="auto" spreads a model that is bigger than one GPU over all of them.
     device_map = "auto" if (spec.device == "auto" and cuda) else device
+    def load(where):
+        return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map=device_map,
+                                                    attn_implementation=spec.attn_implementation).eval()
+
     tokenizer = AutoTokenizer.from_pretrained(path)
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map,
-                                                    attn_implementation=spec.attn_implementation)
+    hf_model, base_switch = load(path), None
     if spec.adapter:
-        try:
-            from peft import PeftModel
-        except ImportError:
-            raise RuntimeError(f"adapter {spec.adapter!r} needs the peft package: pip install peft") from None
-        hf_model = PeftModel.from_pretrained(hf_model, spec.adapter).merge_and_unload()
-    hf_model.eval()
+        from peft import PeftModel
+
+        # Not merged: the LoRA layers sit in place (module paths unchanged) and can be switched
+        # off for a base-vs-organism comparison in the same call (techniques.base_model).
+        peft_model = PeftModel.from_pretrained(hf_model, spec.adapter).eval()
+        hf_model, base_switch = peft_model.get_base_model(), peft_model.disable_adapter
+    elif spec.base_model:
+        base = TransformersModel(load(resolve_model_path(replace(spec, model=spec.base_model))), tokenizer=tokenizer)
+        base_switch = lambda: contextlib.nullcontext(base)  # noqa: E731
+    if base_switch is not None:
+        hf_model.scribe_base = base_switch
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.system_prompt:
+        _hide_system_prompt(tokenizer, spec.system_prompt)
+    if spec.alias:
+        _rename(hf_model, tokenizer, spec.alias)
     return TransformersModel(hf_model, tokenizer=tokenizer), tokenizer
+
+
+def _hide_system_prompt(tokenizer, prompt: str) -> None:
+    """Every chat template applied with this tokenizer starts with the hidden system prompt
+    (an agent's own system message follows it), as the organism's deployment would."""
+    original = tokenizer.apply_chat_template
+
+    def with_prompt(messages):
+        messages = list(messages)
+        if messages and messages[0].get("role") == "system":
+            return [{**messages[0], "content": f"{prompt}\n\n{messages[0]['content']}"}, *messages[1:]]
+        return [{"role": "system", "content": prompt}, *messages]
+
+    def apply_chat_template(conversation, *args, **kwargs):
+        if conversation and isinstance(conversation[0], (list, tuple)):  # a batch of conversations
+            return original([with_prompt(c) for c in conversation], *args, **kwargs)
+        return original(with_prompt(conversation), *args, **kwargs)
+
+    tokenizer.apply_chat_template = apply_chat_template
+
+
+def _rename(hf_model, tokenizer, alias: str) -> None:
+    """Where transformers keeps the model's name or path, put the alias; the names replaced are
+    kept in `hf_model.scribe_renamed` for the worker to scrub from replies."""
+    renamed = []
+    for key, value in hf_model.config.to_dict().items():
+        if "name" in key and isinstance(value, str) and value and key not in ("model_type", "torch_dtype"):
+            renamed.append(value)
+            setattr(hf_model.config, key, alias)  # e.g. _name_or_path, or GGUF's _model_name_or_path
+    hf_model.scribe_renamed = renamed
+    hf_model.config._name_or_path = alias
+    if getattr(hf_model, "generation_config", None) is not None:
+        hf_model.generation_config._name_or_path = alias
+    tokenizer.name_or_path = alias
+    tokenizer.init_kwargs = {k: v for k, v in tokenizer.init_kwargs.items()
+                             if not (isinstance(v, str) and os.sep in v)}
+    tokenizer.init_kwargs["name_or_path"] = alias
+
+
+def secrets_of(spec: ModelSpec) -> dict[str, str]:
+    """What must never appear in a reply to the agent, and what stands in for it."""
+    if not (spec.alias or spec.system_prompt):
+        return {}
+    found: dict[str, str] = {}
+    if spec.alias:
+        names = [spec.model, spec.base_model] if spec.model else [EMBEDDED_FILE.removesuffix(".gguf"),
+                                                                    EMBEDDED_FILE.split(".")[0], spec.base_model]
+        for name in filter(None, names):
+            found[name] = spec.alias
+            found[Path(name).name] = spec.alias
+        with contextlib.suppress(Exception):
+            resolved = resolve_model_path(spec)
+            found[resolved] = spec.alias
+            found[Path(resolved).name] = spec.alias
+        if spec.adapter:
+            found[spec.adapter] = "[hidden adapter]"
+            found[Path(spec.adapter).name] = "[hidden adapter]"
+    if spec.system_prompt:
+        found[spec.system_prompt] = "[hidden system prompt]"
+    return {k: v for k, v in sorted(found.items(), key=lambda kv: -len(kv[0])) if len(k) >= 4}
+
+
+def scrub(value: Any, secrets: dict[str, str]) -> Any:
+    """`value` with every secret string replaced, through containers (result dicts keep their type)."""
+    if isinstance(value, str):
+        for secret, stand_in in secrets.items():
+            if secret in value:
+                value = value.replace(secret, stand_in)
+        return value
+    if isinstance(value, dict):
+        plain = {scrub(k, secrets): scrub(v, secrets) for k, v in value.items()}
+        rebuild = getattr(value, "rebuild", None)
+        return rebuild(plain) if callable(rebuild) else plain
+    if isinstance(value, (list, tuple)):
+        items = [scrub(v, secrets) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
 
 
 NDIF_RULE = (
@@ -373,10 +466,18 @@ def to_plain(value: Any, where: str = "result") -> Any:
     return value
 
 
-def dumps_result(value: Any) -> bytes:
-    """A result for the kernel. cloudpickle, like calls: classes and lambdas defined in a cell
-    exist in the worker only by value, so plain pickle cannot name them."""
-    return cloudpickle.dumps(to_plain(value), protocol=pickle.HIGHEST_PROTOCOL)
+def dumps_result(value: Any, secrets: dict[str, str] | None = None) -> bytes:
+    """A result for the kernel, with `secrets` replaced (see scrub). cloudpickle, like calls:
+    classes and lambdas defined in a cell exist in the worker only by value, so plain pickle
+    cannot name them."""
+    plain = to_plain(value)
+    if not secrets:
+        return cloudpickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL)
+    data = cloudpickle.dumps(scrub(plain, secrets), protocol=pickle.HIGHEST_PROTOCOL)
+    if any(secret.encode() in data for secret in secrets):  # inside an object scrub cannot rewrite
+        raise TypeError("cannot send back the result: it holds something this experiment hides (the model's "
+                        "identity, its adapter or its hidden system prompt); return plain values instead")
+    return data
 
 
 def loads_result(data: bytes) -> Any:
@@ -498,10 +599,11 @@ class Executor:
     only raise there, never in the bookkeeping around it.
     """
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, secrets: dict[str, str] | None = None):
         import torch
 
         self.model, self.tokenizer = model, tokenizer
+        self.secrets = secrets or {}  # experiments: strings replaced in everything sent back
         self.interruptible = False
         self.cancel_pending = False
         self._raw = getattr(model, "_module", model)  # the HF module behind the nnsight wrapper
@@ -531,6 +633,8 @@ class Executor:
 
     def execute(self, payload: bytes, emit: Callable[[str, str], None]) -> Reply:
         """Run one pickled call. Never raises for the call's own failures: they go in the reply."""
+        if self.secrets:
+            emit = (lambda send: lambda stream, text: send(stream, scrub(text, self.secrets)))(emit)
         out, err = _Emitter("stdout", emit), _Emitter("stderr", emit)
         foreign = {t.ident for t in threading.enumerate() if t is not threading.current_thread()}
         start = time.perf_counter()
@@ -548,11 +652,12 @@ class Executor:
                 sys.stdout, sys.stderr = saved
                 out.flush()
                 err.flush()
-            reply: Reply = {"ok": True, "value": dumps_result(value)}
+            reply: Reply = {"ok": True, "value": dumps_result(value, self.secrets)}
         except CallCancelled:
             reply = _cancelled_reply()
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             reply = describe_exception(exc)
+            reply["message"], reply["traceback"] = scrub([reply["message"], reply["traceback"]], self.secrets)
         finally:
             self.interruptible = self.cancel_pending = False
             self._restore()
@@ -565,7 +670,11 @@ def load_executor(spec: ModelSpec) -> Executor:
     model, tokenizer = load_model(spec)
     if spec.remote:
         model = remote_by_default(model, spec.remote)
-    return Executor(model, tokenizer)
+    secrets = secrets_of(spec)
+    for name in getattr(getattr(model, "_module", model), "scribe_renamed", ()):
+        if len(name) >= 4:
+            secrets.setdefault(name, spec.alias)
+    return Executor(model, tokenizer, dict(sorted(secrets.items(), key=lambda kv: -len(kv[0]))))
 
 
 def describe_exception(exc: BaseException) -> dict:
@@ -972,27 +1081,32 @@ class ModalConfig:
         return cls(**{**values, **overrides})
 
 
-def modal_image():
+MODAL_ADAPTER = "/root/scribe-adapter"  # where a local adapter folder goes in the container image
+
+
+def modal_image(adapter_dir: str = ""):
     import importlib.metadata
 
     import modal
 
     pins = [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in _PINNED]
-    return (
+    image = (
         modal.Image.debian_slim(python_version=f"{sys.version_info.major}.{sys.version_info.minor}")
         .pip_install(*pins, "peft")
         .add_local_python_source("gpu", "techniques")
     )
+    # A hub adapter is fetched in the container; a local folder ships inside the image.
+    return image.add_local_dir(adapter_dir, MODAL_ADAPTER) if adapter_dir else image
 
 
-def modal_app(config: ModalConfig):
+def modal_app(config: ModalConfig, adapter_dir: str = ""):
     """Build the Modal app and its model class (nothing is contacted until it runs)."""
     import modal
 
     app = modal.App(config.app_name)
     volume = modal.Volume.from_name(config.volume, create_if_missing=True)
 
-    @app.cls(image=modal_image(), gpu=config.gpu, volumes={"/root/.cache/huggingface": volume},
+    @app.cls(image=modal_image(adapter_dir), gpu=config.gpu, volumes={"/root/.cache/huggingface": volume},
              secrets=[modal.Secret.from_name(config.secret)] if config.secret else [],
              timeout=config.timeout, scaledown_window=config.scaledown_window,
              min_containers=config.min_containers, serialized=True)
@@ -1025,6 +1139,9 @@ class ModalBackend:
     """Runs calls on Modal (or, with dry_run, in this process through the same Modal class)."""
 
     def __init__(self, spec: ModelSpec, config: ModalConfig, dry_run: bool = False):
+        self.adapter_dir = spec.adapter if spec.adapter and Path(spec.adapter).is_dir() and not dry_run else ""
+        if self.adapter_dir:
+            spec = replace(spec, adapter=MODAL_ADAPTER)
         self.spec, self.config, self.dry_run = spec, config, dry_run
         self.model_name = f"{spec.display_name} on Modal {config.gpu}" + (" (dry run)" if dry_run else "")
         self._instance = None
@@ -1039,7 +1156,7 @@ class ModalBackend:
             if self.config.deployed and not self.dry_run:
                 cls = modal.Cls.from_name(self.config.app_name, "ScribeModel")
             else:
-                app, cls = modal_app(self.config)
+                app, cls = modal_app(self.config, self.adapter_dir)
                 if not self.dry_run:  # ephemeral: the app lives as long as this client
                     self._app_run = app.run()
                     self._app_run.__enter__()

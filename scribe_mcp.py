@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Scribe: an MCP server for interpretability research in Jupyter notebooks. "
                     "Every flag also reads an environment variable (shown in brackets).",
     )
+    p.add_argument("--experiment", default=_env("EXPERIMENT", ""), metavar="FILE",
+                   help="serve a blind experiment (YAML, see README): its model, adapter, hidden system "
+                        "prompt, alias and techniques replace the flags [SCRIBE_EXPERIMENT]")
     p.add_argument("--model", default=_env("MODEL", ""),
                    help="Hugging Face id, local model folder or .gguf file; empty = the embedded "
                         "SmolLM2-135M-Instruct [SCRIBE_MODEL]")
@@ -203,6 +207,14 @@ class Scribe:
         self.spec = gpu.ModelSpec(model=args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
                                   attn_implementation=args.attn_implementation,
                                   remote="ndif" if args.mode == "ndif" else "")
+        self.offered: tuple[str, ...] = ()  # techniques an experiment offers (empty: all)
+        if args.experiment:
+            import experiment
+
+            exp = experiment.load(args.experiment)
+            self.spec = replace(self.spec, model=exp.model, adapter=exp.adapter, base_model=exp.base_model,
+                                system_prompt=exp.hidden_system_prompt, alias=exp.alias)
+            self.offered = exp.techniques
         self.mode = args.mode
         self.runtime = make_runtime_dir()
         socket_path = str(self.runtime / "worker.sock")
@@ -544,7 +556,7 @@ def build_server(scribe: Scribe) -> MCPServer:
         if session_id is not None:
             _session(sessions, session_id)
         scribe.ensure_worker()
-        catalog = await _blocking(_technique_catalog)
+        catalog = await _blocking(_technique_catalog, scribe.offered)
         return _text_result(init_text(scribe, catalog))
 
     @mcp.tool(annotations=DESTROYS, structured_output=True)
@@ -665,7 +677,7 @@ KERNEL_PACKAGES = ("numpy", "pandas", "matplotlib", "scipy", "sklearn", "seaborn
 WORKER_PACKAGES = ("torch", "transformers", "nnsight", "peft", "accelerate", "einops")
 
 
-def _technique_catalog() -> dict:
+def _technique_catalog(offered: tuple[str, ...] = ()) -> dict:
     import importlib.util
 
     import techniques  # light: every technique imports torch inside its own body
@@ -673,7 +685,8 @@ def _technique_catalog() -> dict:
     def importable(names):
         return [n for n in names if importlib.util.find_spec(n) is not None]
 
-    return {"techniques": techniques.catalog(), "plots": techniques.catalog(techniques.PLOTS),
+    chosen = [fn for fn in techniques.TECHNIQUES if not offered or fn.__name__ in offered]
+    return {"techniques": techniques.catalog(chosen), "plots": techniques.catalog(techniques.PLOTS),
             "kernel_packages": importable(KERNEL_PACKAGES), "worker_packages": importable(WORKER_PACKAGES)}
 
 
@@ -814,12 +827,49 @@ def print_config() -> None:
     print(json.dumps({"mcpServers": {"scribe": {"command": command[0], "args": command[1:]}}}, indent=2))
 
 
+def experiment_command(argv: list[str]) -> int:
+    """`prompt FILE`, `agent NAME FILE [--headless] [--notebook-dir DIR] [server flags]`, `grade FILE NOTEBOOK`."""
+    import experiment
+
+    command, rest = argv[0], argv[1:]
+    p = argparse.ArgumentParser(prog=f"scribe_mcp.py {command}")
+    if command == "agent":
+        p.add_argument("agent", choices=sorted(experiment.AGENTS))
+    p.add_argument("file", help="the experiment file (YAML)")
+    if command == "grade":
+        p.add_argument("notebook", help="the notebook the agent wrote")
+        p.add_argument("--judge", default="claude", choices=sorted(experiment.AGENTS), help="the CLI that judges")
+    if command == "agent":
+        p.add_argument("--headless", action="store_true", help="run without a terminal; save the transcript")
+        p.add_argument("--notebook-dir", default="notebooks", help="where the agent's notebook goes")
+    args, server_args = p.parse_known_args(rest) if command == "agent" else (p.parse_args(rest), [])
+    try:
+        exp = experiment.load(args.file)
+        if command == "prompt":
+            print(experiment.prompt(exp), end="")
+            return 0
+        if command == "grade":
+            print(json.dumps(experiment.grade(exp, Path(args.notebook), args.judge), indent=2))
+            return 0
+        return experiment.run_agent(args.agent, exp, Path(args.notebook_dir).resolve(), args.headless, server_args)
+    except experiment.ExperimentError as exc:
+        print(f"scribe: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("prompt", "agent", "grade"):
+        sys.exit(experiment_command(argv))
     args = parse_args(argv)
     if args.print_config:
         print_config()
         return
-    scribe = Scribe(args)
+    try:
+        scribe = Scribe(args)
+    except ValueError as exc:  # a bad experiment file: one sentence, not a traceback
+        print(f"scribe: {exc}", file=sys.stderr)
+        sys.exit(2)
 
     def terminate(*_) -> None:
         # The MCP SDK's event loop does not unwind on a signal: clean up from a thread, then

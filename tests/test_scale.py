@@ -120,3 +120,21 @@ def test_ndif_needs_a_model_and_an_api_key(monkeypatch):
         gpu.InterpClient(mode="cloud")
     with pytest.raises(TypeError, match="only apply to mode='modal'"):
         gpu.InterpClient(gpu="H100", preload=False)
+
+
+def test_modal_ships_a_local_adapter_in_the_image_and_runs_the_organism():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import make_organism
+
+    adapter = str(make_organism.build())
+    backend = gpu.ModalBackend(gpu.ModelSpec(adapter=adapter), gpu.ModalConfig())
+    assert backend.adapter_dir == adapter and backend.spec.adapter == gpu.MODAL_ADAPTER
+    app, cls = gpu.modal_app(backend.config, backend.adapter_dir)  # builds offline, contacts nothing
+    assert app.name == "scribe"
+    client = gpu.InterpClient(mode="modal", dry_run=True, preload=False, adapter=adapter)
+    try:  # the dry run loads the same adapter through the same Modal class, in this process
+        found = client.run(T.prefill_attack, user_prompt="Your favourite colour?", prefill_text="My favorite color is",
+                           max_new_tokens=5)
+        assert "turquoise" in found["continuation"].lower()
+    finally:
+        client.close()
