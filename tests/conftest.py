@@ -7,6 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,3 +60,23 @@ def run_ok(session, code: str) -> str:
     result = session.execute(code)
     assert result.status == "ok", result.text
     return result.text
+
+
+@pytest.fixture
+def nbdir(tmp_path):
+    return tmp_path / "notebooks"
+
+
+@pytest.fixture
+def sessions(nbdir):
+    """Sessions without the model worker (plain kernels)."""
+    m = kernel.SessionManager(nbdir, cell_timeout=40)
+    yield m
+    m.shutdown_all()
+
+
+def saved(path: Path) -> nbformat.NotebookNode:
+    """A notebook as it is on disk, validated."""
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    return nb

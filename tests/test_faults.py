@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import stat
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import saved
 
 import kernel
-
-
-@pytest.fixture
-def nbdir(tmp_path):
-    return tmp_path / "notebooks"
-
-
-@pytest.fixture
-def sessions(nbdir):
-    m = kernel.SessionManager(nbdir, cell_timeout=40)
-    yield m
-    m.shutdown_all()
-
-
-def saved(path: Path) -> nbformat.NotebookNode:
-    nb = nbformat.read(path, as_version=4)
-    nbformat.validate(nb)
-    return nb
 
 
 def stream_text(cell) -> str:
@@ -150,8 +130,7 @@ def test_resume_reports_progress_per_cell_and_stops_when_asked(sessions):
 
 
 def test_an_image_that_cannot_be_shown_still_returns_the_cell(sessions):
-    s = sessions.start_new("bad-images")
-    huge = kernel.image_size  # a 20000x20000 PNG header: never decoded for the agent
+    s = sessions.start_new("bad-images")  # a 20000x20000 PNG (never decoded for the agent) and a broken one
     code = ("import base64, struct, zlib\nfrom IPython.display import display, Image\n"
             "def chunk(t, d):\n    return struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d))\n"
             "png = b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 20000, 20000, 8, 2, 0, 0, 0))"
@@ -162,7 +141,6 @@ def test_an_image_that_cannot_be_shown_still_returns_the_cell(sessions):
     r = s.execute(code)
     assert r.status == "ok" and "after" in r.text and not r.images
     assert len(r.notes) == 2 and "too large" in r.notes[0] and "could not be shown" in r.notes[1]
-    assert huge is kernel.image_size
     assert len(saved(s.path).cells[0].outputs) == 3
 
 
@@ -319,6 +297,15 @@ def _client_session(m, name):
     return s
 
 
+def _busy(session, results: dict) -> threading.Thread:
+    """Session `session` holds the model for 3 s (its result lands in results["a"])."""
+    runner = threading.Thread(target=lambda: results.setdefault("a", session.execute(
+        "import time\nclient.run(lambda m, t: (time.sleep(3), 'a done')[1])")))
+    runner.start()
+    time.sleep(0.8)
+    return runner
+
+
 def _worker_pid(socket_path):
     sock = gpu.connect_worker(None, socket_path, os.getpid())
     with sock:
@@ -354,10 +341,7 @@ def test_a_queued_calls_timeout_starts_when_it_runs_and_waiting_is_visible(serve
     m, _, _ = served
     a, b = _client_session(m, "long"), _client_session(m, "short")
     results = {}
-    runner = threading.Thread(target=lambda: results.setdefault("a", a.execute(
-        "import time\nclient.run(lambda m, t: (time.sleep(3), 'a done')[1])")))
-    runner.start()
-    time.sleep(0.8)
+    runner = _busy(a, results)
     seen = []
     r = b.execute("import time\nclient.run(lambda m, t: (time.sleep(0.3), 'b done')[1], timeout=1.5)", on_output=seen.append)
     runner.join()
@@ -370,10 +354,7 @@ def test_a_cancelled_queued_call_is_answered_at_once_and_never_runs(served):
     m, _, _ = served
     a, b = _client_session(m, "runs"), _client_session(m, "cancelled")
     results = {}
-    runner = threading.Thread(target=lambda: results.setdefault("a", a.execute(
-        "import time\nclient.run(lambda m, t: (time.sleep(3), 'a done')[1])")))
-    runner.start()
-    time.sleep(0.8)
+    runner = _busy(a, results)
     queued = threading.Thread(target=lambda: results.setdefault("b", b.execute(
         "ran = []\nclient.run(lambda m, t: ran.append(1) or 'b ran')")))
     queued.start()

@@ -12,27 +12,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import ROOT
+from conftest import ROOT, saved
 
 import kernel
-
-
-@pytest.fixture
-def nbdir(tmp_path):
-    return tmp_path / "notebooks"
-
-
-@pytest.fixture
-def sessions(nbdir):
-    m = kernel.SessionManager(nbdir, cell_timeout=30)
-    yield m
-    m.shutdown_all()
-
-
-def saved(path: Path) -> nbformat.NotebookNode:
-    nb = nbformat.read(path, as_version=4)
-    nbformat.validate(nb)
-    return nb
 
 
 def test_new_session_names_file_and_never_overwrites(sessions, nbdir):
