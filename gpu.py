@@ -289,21 +289,12 @@ def secrets_of(spec: ModelSpec) -> dict[str, str]:
     return {k: v for k, v in sorted(found.items(), key=lambda kv: -len(kv[0])) if len(k) >= 4}
 
 
-def scrub(value: Any, secrets: dict[str, str]) -> Any:
-    """`value` with every secret string replaced, through containers (result dicts keep their type)."""
-    if isinstance(value, str):
-        for secret, stand_in in secrets.items():
-            if secret in value:
-                value = value.replace(secret, stand_in)
-        return value
-    if isinstance(value, dict):
-        plain = {scrub(k, secrets): scrub(v, secrets) for k, v in value.items()}
-        rebuild = getattr(value, "rebuild", None)
-        return rebuild(plain) if callable(rebuild) else plain
-    if isinstance(value, (list, tuple)):
-        items = [scrub(v, secrets) for v in value]
-        return items if isinstance(value, list) else tuple(items)
-    return value
+def hide(text: str, secrets: dict[str, str]) -> str:
+    """`text` with every secret replaced by its stand-in (see secrets_of)."""
+    for secret, stand_in in secrets.items():
+        if secret in text:
+            text = text.replace(secret, stand_in)
+    return text
 
 
 NDIF_RULE = (
@@ -423,23 +414,27 @@ _HEAVY_MODULES = ("torch", "transformers", "nnsight", "accelerate")
 _FRAMEWORKS = ("transformers.", "accelerate.", "nnsight.", "torch.", "peft.")
 
 
-def to_plain(value: Any, where: str = "result") -> Any:
+def to_plain(value: Any, where: str = "result", secrets: dict[str, str] | None = None) -> Any:
     """Make a result safe to send to a light notebook kernel.
 
     Tensors become numpy arrays (detached, on CPU) so the kernel never has to import torch;
     containers are converted recursively; anything else must pickle and must not be a torch,
     transformers or nnsight object (those would drag torch into the kernel or fail there).
+    Strings have `secrets` hidden (experiments).
     """
+    if isinstance(value, str):
+        return hide(value, secrets) if secrets else value
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, dict):
-        plain = {to_plain(k, f"{where} key"): to_plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+        plain = {to_plain(k, f"{where} key", secrets): to_plain(v, f"{where}[{k!r}]", secrets)
+                 for k, v in value.items()}
         # Techniques' results keep their type (a dict with a compact display) through `rebuild`;
         # any other dict subclass (e.g. transformers' ModelOutput) becomes a plain dict.
         rebuild = getattr(value, "rebuild", None)
         return rebuild(plain) if callable(rebuild) else plain
     if isinstance(value, (list, tuple, set, frozenset)):
-        items = [to_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        items = [to_plain(v, f"{where}[{i}]", secrets) for i, v in enumerate(value)]
         if isinstance(value, list):
             return items
         return set(items) if isinstance(value, (set, frozenset)) else tuple(items)
@@ -467,14 +462,10 @@ def to_plain(value: Any, where: str = "result") -> Any:
 
 
 def dumps_result(value: Any, secrets: dict[str, str] | None = None) -> bytes:
-    """A result for the kernel, with `secrets` replaced (see scrub). cloudpickle, like calls:
-    classes and lambdas defined in a cell exist in the worker only by value, so plain pickle
-    cannot name them."""
-    plain = to_plain(value)
-    if not secrets:
-        return cloudpickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL)
-    data = cloudpickle.dumps(scrub(plain, secrets), protocol=pickle.HIGHEST_PROTOCOL)
-    if any(secret.encode() in data for secret in secrets):  # inside an object scrub cannot rewrite
+    """A result for the kernel, with `secrets` hidden. cloudpickle, like calls: classes and
+    lambdas defined in a cell exist in the worker only by value, so plain pickle cannot name them."""
+    data = cloudpickle.dumps(to_plain(value, secrets=secrets), protocol=pickle.HIGHEST_PROTOCOL)
+    if secrets and any(secret.encode() in data for secret in secrets):  # inside an object: cannot rewrite
         raise TypeError("cannot send back the result: it holds something this experiment hides (the model's "
                         "identity, its adapter or its hidden system prompt); return plain values instead")
     return data
@@ -634,7 +625,7 @@ class Executor:
     def execute(self, payload: bytes, emit: Callable[[str, str], None]) -> Reply:
         """Run one pickled call. Never raises for the call's own failures: they go in the reply."""
         if self.secrets:
-            emit = (lambda send: lambda stream, text: send(stream, scrub(text, self.secrets)))(emit)
+            emit = (lambda send: lambda stream, text: send(stream, hide(text, self.secrets)))(emit)
         out, err = _Emitter("stdout", emit), _Emitter("stderr", emit)
         foreign = {t.ident for t in threading.enumerate() if t is not threading.current_thread()}
         start = time.perf_counter()
@@ -657,7 +648,7 @@ class Executor:
             reply = _cancelled_reply()
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             reply = describe_exception(exc)
-            reply["message"], reply["traceback"] = scrub([reply["message"], reply["traceback"]], self.secrets)
+            reply["message"], reply["traceback"] = (hide(reply[k], self.secrets) for k in ("message", "traceback"))
         finally:
             self.interruptible = self.cancel_pending = False
             self._restore()
