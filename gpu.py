@@ -1448,9 +1448,14 @@ class InterpClient:
         return f"<InterpClient mode={self.mode} model={self.model_name!r}>"
 
 
+_DEFAULT_OPTIONS = {"device": "auto", "dtype": "auto", "adapter": "", "attn_implementation": "eager"}
+
+
 def _make_backend(mode: str, model: str | None, options: dict, dry_run: bool, modal_options: dict) -> Backend:
     """The server's worker when running inside Scribe, else a private one (or Modal)."""
-    server = model is None and mode == os.environ.get("SCRIBE_MODE", "local")
+    # Inside Scribe, InterpClient() is the server's worker; any model option asks for a private one.
+    server = model is None and not any(options[k] != v for k, v in _DEFAULT_OPTIONS.items()) \
+        and mode == os.environ.get("SCRIBE_MODE", "local")
     shared = os.environ.get(ENV_SPEC) if server else None
     spec = ModelSpec.from_json(shared) if shared else ModelSpec(model=model or "", **options)
     if mode == "modal":

@@ -15,6 +15,8 @@ def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: st
     All patched runs of a batch go through the model as one batch (one forward per batch_size).
     Returns {"grid": [layer][column], "logit_diffs": [layer][column], "layers", "positions",
     "component", "tokens", "corrupted_tokens", "clean_logit_diff", "corrupted_logit_diff"}.
+
+    Tutorial: tutorials/03_activation_patching.ipynb
     """
     import torch
 

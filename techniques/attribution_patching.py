@@ -12,6 +12,8 @@ def attribution_patching(model, tokenizer, clean: str, corrupted: str, answer: s
     arguments as activation_patching; cheap enough for every layer and position.
     Returns {"grid": [layer][column], "estimated_logit_diffs", "layers", "positions", "component",
     "tokens", "clean_logit_diff", "corrupted_logit_diff"}.
+
+    Tutorial: tutorials/04_attribution_and_dla.ipynb
     """
     import torch
 

@@ -55,6 +55,8 @@ def compare_to_base(model, tokenizer, prompts: list[str] | None = None, top_k: i
     Needs an experiment with an adapter (or base_model): see base_model().
     Returns {"top_tokens": [{"token", "id", "logprob_rise"}], "layer_diffs": [per layer],
     "generations": [{"prompt", "base", "organism"}], "prompts"}.
+
+    Tutorial: tutorials/07_auditing_a_model_organism.ipynb
     """
     import torch
 

@@ -10,6 +10,8 @@ def direct_logit_attribution(model, tokenizer, text: str, answer: str, wrong_ans
     The final norm's scale is frozen at its value on the real residual stream, so the terms are
     linear and add up: embedding + sum(attn) + sum(mlp) + norm_bias == the logit difference.
     Returns {"embedding", "attn": [per layer], "mlp": [per layer], "norm_bias", "total", "logit_diff"}.
+
+    Tutorial: tutorials/04_attribution_and_dla.ipynb
     """
     import torch
 

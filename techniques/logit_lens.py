@@ -13,6 +13,8 @@ def logit_lens(model, tokenizer, text: str, layers: list[int] | None = None, pos
     targets: strings whose (first-token) probability is tracked per layer and position.
     Returns {"tokens", "layers", "positions", "top": [layer][position] -> top-k list,
     "target_probs": {target: [layer][position] -> prob}}.
+
+    Tutorial: tutorials/02_logit_lens.ipynb
     """
     import torch
 

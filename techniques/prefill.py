@@ -8,6 +8,8 @@ def prefill_attack(model, tokenizer, user_prompt: str, prefill_text: str, max_ne
     Uses the chat template when the tokenizer has one. Greedy decoding.
     Returns {"prompt": the full text fed to the model, "continuation": the new text,
     "response": prefill_text + continuation}.
+
+    Tutorial: tutorials/07_auditing_a_model_organism.ipynb
     """
     from ._arch import chat_prompt, generate
 

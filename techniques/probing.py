@@ -34,6 +34,8 @@ def extract_activations(model, tokenizer, texts: list[str], layers: list[int] | 
 
     position: "last" (each prompt's last token) or "mean" (average over its tokens).
     Returns {"layers", "activations": [text][layer][d_model]}.
+
+    Tutorial: tutorials/06_probes.ipynb
     """
     from ._arch import arch
 
@@ -49,6 +51,8 @@ def train_probe(model, tokenizer, texts: list[str], labels: list, layers: list[i
     labels: one class label per text (any hashable values). The split is random with `seed`.
     Returns {"layers", "train_accuracy", "test_accuracy" (per layer), "best_layer", "chance",
     "n_train", "n_test", "classes"}.
+
+    Tutorial: tutorials/06_probes.ipynb
     """
     import torch
 

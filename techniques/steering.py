@@ -8,6 +8,8 @@ def steering(model, tokenizer, prompt: str, vector, layers, alpha: float = 4.0, 
     vector: d_model numbers (list, numpy array or tensor), e.g. from steering_vector.
     layers: a layer index or a list. chat: use the chat template (default: when there is one).
     Greedy decoding. Returns {"prompt", "baseline": unsteered text, "steered": text, "alpha", "layers"}.
+
+    Tutorial: tutorials/05_steering.ipynb
     """
     import warnings
 
@@ -47,6 +49,8 @@ def steering_vector(model, tokenizer, positive: list[str], negative: list[str], 
     """Difference of mean residual streams (last token, at `layer`) between two prompt sets.
 
     Returns d_model floats; pass them to steering(..., vector=...).
+
+    Tutorial: tutorials/05_steering.ipynb
     """
     import torch
 
