@@ -286,3 +286,20 @@ def test_a_missing_agent_cli_gets_one_sentence(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip() == ("scribe: the codex CLI is not installed (or not on PATH): install it with "
                                   "`npm install -g @openai/codex`")
+
+
+def test_a_full_fine_tune_compares_with_the_base_model_loaded_beside_it():
+    """base_model: a second model in the same worker; here the organism is its own base, so no token rises."""
+    import gpu
+    import techniques as T
+
+    executor = gpu.load_executor(gpu.ModelSpec(base_model=gpu.resolve_model_path(gpu.ModelSpec())))
+    model, tokenizer = executor.model, executor.tokenizer
+    with T.base_model(model) as base:
+        assert base is not model
+    diff = T.compare_to_base(model, tokenizer, prompts=["Hello!"], max_new_tokens=4)
+    assert max(abs(t["logprob_rise"]) for t in diff["top_tokens"]) < 1e-3
+    assert diff["generations"][0]["base"] == diff["generations"][0]["organism"]
+    with pytest.raises(ValueError, match="no base to compare with"):
+        with T.base_model(gpu.load_executor(gpu.ModelSpec()).model):
+            pass
