@@ -185,7 +185,8 @@ def agent_command(agent: str, exp: Experiment, config: Path, text: str, headless
         server = json.loads(config.read_text())["mcpServers"]["scribe"]
         overrides = ["-c", f"mcp_servers.scribe.command={json.dumps(server['command'])}",
                      "-c", f"mcp_servers.scribe.args={json.dumps(server['args'])}"]
-        return ["codex", *(["exec", "--json"] if headless else []), *overrides, text]
+        # Codex's own shell tool stays in a read-only sandbox: the agent works through Scribe.
+        return ["codex", *(["exec", "--json"] if headless else []), "--sandbox", "read-only", *overrides, text]
     if agent == "gemini":  # gemini reads MCP servers from settings; the launcher points it there
         return ["gemini", "--allowed-mcp-server-names", "scribe", *(["-p", text] if headless else ["-i", text])]
     raise ExperimentError(f"unknown agent {agent!r}: use claude, codex or gemini")
