@@ -75,6 +75,7 @@ def test_the_live_view_shows_cells_as_the_agent_writes_them(tmp_path):
             return found
 
     found = anyio.run(scenario)
+    print(f"view: cells appeared {', '.join(f'{x * 1000:.0f} ms' for x in latencies)} after their tool call returned")
     assert shot.stat().st_size > 10_000
     assert max(latencies) < 1.0, latencies
     texts = found["texts"]
