@@ -8,6 +8,8 @@ def analyze_token_probs(model, tokenizer, text: str, top_k: int = 10, targets: l
 
     targets: strings such as [" Paris", " Rome"]; each is scored by its first token.
     Returns {"top": [{"token", "id", "prob"}...], "targets": {target: prob}, "entropy": nats}.
+
+    Tutorial: tutorials/02_logit_lens.ipynb
     """
     import torch
 
