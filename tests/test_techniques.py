@@ -252,9 +252,10 @@ def test_importing_techniques_does_not_import_torch():
 
 
 def test_plot_helpers_take_model_numbers_and_axes_and_fail_with_a_sentence(kernel_session):
-    run_ok(kernel_session, "from techniques import attention_patterns, plot_attention, plot_patching, plot_logit_lens\n"
+    run_ok(kernel_session, "from techniques import attention_patterns, logit_lens, plot_attention, plot_logit_lens\n"
                            "import matplotlib.pyplot as plt\n"
-                           "att = client.run(attention_patterns, text='The capital of France is', layers=[23], heads=[4])")
+                           "att = client.run(attention_patterns, text='The capital of France is', layers=[23], heads=[4])\n"
+                           "lens = client.run(logit_lens, text='The capital of France is', targets=[' Paris'])")
     result = kernel_session.execute("plot_attention(att, 23, 4)")  # the README's call, with the model's numbers
     assert result.status == "ok" and len(result.images) == 1
     result = kernel_session.execute("fig, axes = plt.subplots(1, 2)\nplot_attention(att, 23, 4, ax=axes[0])\n"
