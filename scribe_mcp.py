@@ -603,12 +603,8 @@ def build_server(scribe: Scribe) -> MCPServer:
                                     le=RESULT_CHARS_MAX)] = 8000,
     ) -> CellSlice:
         """Read one cell's full source and a slice of its output text (offset/limit), e.g. the part a long result cut. `more` says whether output continues past this slice."""
-        def read():
-            _, nb, live = find_notebook(session_id, notebook_path)
-            if live is None:
-                return kernel.read_cell(nb, cell_index)
-            with live.lock:
-                return kernel.read_cell(nb, cell_index)
+        def read():  # no session lock: reading must not wait for a running cell
+            return kernel.read_cell(find_notebook(session_id, notebook_path)[1], cell_index)
 
         position, cell, text = await _blocking(read)
         part = text[offset:offset + limit]

@@ -375,6 +375,10 @@ def test_cancels_through_mcp_are_precise_and_resume_reports_each_cell(tmp_path):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(long_cell)
                 await anyio.sleep(0.5)
+                start = time.monotonic()  # reading the notebook does not wait for the running cell
+                assert (await call(s, "read_cell", session_id=sid, cell_index=0)).structured_content["source"]
+                assert len((await call(s, "notebook_outline", session_id=sid)).structured_content["cells"]) == 1
+                assert time.monotonic() - start < 0.5
                 with anyio.move_on_after(0.5):  # queued behind the running cell, then cancelled
                     await s.call_tool("execute_code", {"session_id": sid, "code": "queued_ran = True"})
             assert "'long done'" in text(results["long"])  # not interrupted
