@@ -266,15 +266,16 @@ def _rename(hf_model, tokenizer, alias: str) -> None:
     tokenizer.init_kwargs["name_or_path"] = alias
 
 
-def secrets_of(spec: ModelSpec) -> dict[str, str]:
-    """What must never appear in a reply to the agent, and what stands in for it."""
+def secrets_of(spec: ModelSpec, renamed: tuple[str, ...] = ()) -> dict[str, str]:
+    """What must never appear in a reply to the agent, and what stands in for it; `renamed` are
+    names _rename took out of the loaded model's config (longest first, so parts go last)."""
     if not (spec.alias or spec.system_prompt):
         return {}
     found: dict[str, str] = {}
     if spec.alias:
         names = [spec.model, spec.base_model] if spec.model else [EMBEDDED_FILE.removesuffix(".gguf"),
                                                                     EMBEDDED_FILE.split(".")[0], spec.base_model]
-        for name in filter(None, names):
+        for name in filter(None, [*names, *renamed]):
             found[name] = spec.alias
             found[Path(name).name] = spec.alias
         with contextlib.suppress(Exception):
@@ -661,11 +662,8 @@ def load_executor(spec: ModelSpec) -> Executor:
     model, tokenizer = load_model(spec)
     if spec.remote:
         model = remote_by_default(model, spec.remote)
-    secrets = secrets_of(spec)
-    for name in getattr(getattr(model, "_module", model), "scribe_renamed", ()):
-        if len(name) >= 4:
-            secrets.setdefault(name, spec.alias)
-    return Executor(model, tokenizer, dict(sorted(secrets.items(), key=lambda kv: -len(kv[0]))))
+    renamed = tuple(getattr(getattr(model, "_module", model), "scribe_renamed", ()))
+    return Executor(model, tokenizer, secrets_of(spec, renamed))
 
 
 def describe_exception(exc: BaseException) -> dict:
@@ -851,7 +849,7 @@ class Worker:
     def _watch_owner(self) -> None:
         while True:
             time.sleep(0.5)
-            if not _alive(self.owner_pid):
+            if not pid_alive(self.owner_pid):
                 # Our runtime folder (scribe-PID-...) outlived its owner, e.g. after kill -9.
                 folder = os.path.dirname(self.socket_path)
                 if os.path.basename(folder).startswith("scribe-"):
@@ -1355,7 +1353,7 @@ class LocalBackend:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.worker_pid, signal.SIGKILL)
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and _alive(self.worker_pid):
+            while time.monotonic() < deadline and pid_alive(self.worker_pid):
                 time.sleep(0.02)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
@@ -1371,7 +1369,7 @@ def _peer_closed(sock: socket.socket) -> bool:
         return True
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
         return True

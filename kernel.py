@@ -140,9 +140,12 @@ def collapse_cr(text: str) -> str:
 
 
 def render(outputs: list, output_limit: int = DEFAULT_OUTPUT_LIMIT,
-           image_max: int = DEFAULT_IMAGE_MAX) -> tuple[str, list[tuple[str, bytes]], list[str]]:
-    """Outputs → (text, images, notes). Text over the limit keeps its head and tail."""
-    parts, images, notes = [], [], []
+           image_max: int | None = DEFAULT_IMAGE_MAX) -> tuple[str, list[tuple[str, bytes]], list[str]]:
+    """Outputs → (text, images, notes). Text over the limit keeps its head and tail.
+
+    image_max None: text only; images are counted as `[image N]` markers but not decoded.
+    """
+    parts, images, notes, n_images = [], [], [], 0
     for out in outputs:
         kind = out.get("output_type")
         if kind == "stream":
@@ -152,16 +155,17 @@ def render(outputs: list, output_limit: int = DEFAULT_OUTPUT_LIMIT,
         elif kind in ("execute_result", "display_data"):
             data = out.get("data", {})
             image = next((m for m in ("image/png", "image/jpeg") if m in data), None)
-            shown = None
-            if image:
+            shown = image is not None and image_max is None
+            if image and image_max is not None:
                 try:
-                    shown = downscale(image.split("/")[1], base64.b64decode(data[image]), image_max)
+                    images.append(downscale(image.split("/")[1], base64.b64decode(data[image]), image_max))
+                    shown = True
                 except Exception as exc:  # the cell ran; one bad image must not hide its result
                     notes.append(f"an image could not be shown ({type(exc).__name__}: {exc}); "
                                  "it is kept in the notebook")
-            if shown is not None:
-                images.append(shown)
-                parts.append(f"[image {len(images)}]\n")
+            if shown:
+                n_images += 1
+                parts.append(f"[image {n_images}]\n")
             elif "text/plain" in data:
                 prefix = f"Out[{out['execution_count']}]: " if kind == "execute_result" else ""
                 parts.append(f"{prefix}{data['text/plain']}\n")
@@ -308,15 +312,19 @@ def cell_status(cell) -> str:
     return "not run" if cell.get("execution_count") is None else "ok"
 
 
+def first_line(source: str, width: int) -> str:
+    """A cell's first non-blank line, cut to `width`."""
+    return next((line for line in source.splitlines() if line.strip()), "")[:width]
+
+
 def outline(nb) -> list[dict]:
     """Each cell as index, type, first line, status and output size."""
     rows = []
     for index, cell in enumerate(nb.cells):
-        lines = [line for line in cell.source.splitlines() if line.strip()]
-        row = {"index": index, "type": cell.cell_type, "first_line": lines[0][:100] if lines else "",
+        row = {"index": index, "type": cell.cell_type, "first_line": first_line(cell.source, 100),
                "status": cell_status(cell)}
         if cell.cell_type == "code":
-            row["output_chars"] = len(render(cell.get("outputs", []), sys.maxsize, sys.maxsize)[0])
+            row["output_chars"] = len(render(cell.get("outputs", []), sys.maxsize, None)[0])
         rows.append(row)
     return rows
 
@@ -348,11 +356,11 @@ def read_cell(nb, index) -> tuple[int, object, str]:
     """(position, cell, full rendered output text), for reading in slices."""
     at = position(nb.cells, index)
     cell = nb.cells[at]
-    return at, cell, render(cell.get("outputs", []), sys.maxsize, sys.maxsize)[0] if cell.cell_type == "code" else ""
+    return at, cell, render(cell.get("outputs", []), sys.maxsize, None)[0] if cell.cell_type == "code" else ""
 
 
 class _Stream:
-    """One stream output being written: chunks collected in a list and merged once per save.
+    """One stream output being written: chunks collected in a list, merged every MERGE_EVERY.
 
     Growing the text with += made floods quadratic, the reader fell behind and the kernel
     dropped messages. Carriage returns are applied to complete lines as they arrive, so a
@@ -363,10 +371,12 @@ class _Stream:
 
     def __init__(self, output):
         self.output, self.done, self.raw, self.raw_len = output, [], [], 0
+        self.dirty = False  # text arrived since the last flush
 
     def add(self, text: str) -> None:
         self.raw.append(text)
         self.raw_len += len(text)
+        self.dirty = True
         if self.raw_len > self.COMPACT_AT:
             self._compact()
 
@@ -384,8 +394,11 @@ class _Stream:
             self.done = ["".join(self.done)]
 
     def flush(self) -> None:
+        if not self.dirty:  # finished blocks are not re-joined every MERGE_EVERY
+            return
         self._compact()
         self.output.text = "".join(self.done) + collapse_cr("".join(self.raw))
+        self.dirty = False
 
 
 # ---------------------------------------------------------------------------
@@ -612,8 +625,8 @@ class Session:
             if stop is not None and stop.is_set():
                 break
             if on_progress is not None:
-                first = next((line for line in cell.source.splitlines() if line.strip()), "")[:60]
-                on_progress(f"session {self.id}: running cell {index} ({n + 1}/{len(code)}): {first}")
+                on_progress(f"session {self.id}: running cell {index} ({n + 1}/{len(code)}): "
+                            f"{first_line(cell.source, 60)}")
             result = self._run(cell, None, None)
             done += 1
             if result.status != "ok":

@@ -192,19 +192,9 @@ def make_runtime_dir() -> Path:
     tmp = Path(tempfile.gettempdir())
     for old in tmp.glob("scribe-*-*"):
         match = re.fullmatch(r"scribe-(\d+)-\w+", old.name)
-        if match and old.is_dir() and not _alive(int(match.group(1))):
+        if match and old.is_dir() and not gpu.pid_alive(int(match.group(1))):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"scribe-{os.getpid()}-"))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 class Scribe:
@@ -478,10 +468,10 @@ def build_server(scribe: Scribe) -> MCPServer:
                                       "inside the notebook directory)")
         if session_id is not None:
             session = sessions.get(session_id)
-            return session.path, session.file.nb, session
+            return session.path, session.file.nb
         path = sessions.resolve(notebook_path)
         live = sessions.live_session_for(path)
-        return path, (live.file.nb if live else kernel.read_notebook(path)), live
+        return path, (live.file.nb if live else kernel.read_notebook(path))
 
     def restore(open_session, ctx: Context, *args) -> object:
         """resume/continue: progress per cell; cancel stops between cells (the session stays open)."""
@@ -590,7 +580,7 @@ def build_server(scribe: Scribe) -> MCPServer:
         notebook_path: Annotated[str | None, Field(description="a notebook inside the notebook directory")] = None,
     ) -> Outline:
         """List a notebook's cells: index (position), type, first line, status (ok / error / not run / markdown) and output size in characters. Use read_cell to see one cell in full."""
-        path, nb, _ = await _blocking(find_notebook, session_id, notebook_path)
+        path, nb = await _blocking(find_notebook, session_id, notebook_path)
         return {"notebook_path": str(path), "cells": kernel.outline(nb)}
 
     @mcp.tool(annotations=READ_ONLY, structured_output=True)

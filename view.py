@@ -22,10 +22,9 @@ import secrets
 import threading
 import time
 
-from kernel import SessionManager, cell_status, collapse_cr
+from kernel import SessionManager, cell_status, collapse_cr, error_text
 
 POLL_EVERY = 0.25
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def render_cell(cell, running: bool) -> str:
@@ -49,8 +48,7 @@ def render_cell(cell, running: bool) -> str:
             cls = "stderr" if out.get("name") == "stderr" else "stdout"
             parts.append(f'<pre class="{cls}">{html.escape(collapse_cr(out.get("text", ""))[-20000:])}</pre>')
         elif kind == "error":
-            tb = _ANSI.sub("", "\n".join(out.get("traceback", []))) or f"{out['ename']}: {out['evalue']}"
-            parts.append(f'<pre class="error">{html.escape(tb[-20000:])}</pre>')
+            parts.append(f'<pre class="error">{html.escape(error_text(out)[-20000:])}</pre>')
         elif kind in ("execute_result", "display_data"):
             data = out.get("data", {})
             image = next((m for m in ("image/png", "image/jpeg") if m in data), None)
