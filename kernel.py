@@ -407,8 +407,12 @@ class _Stream:
 
 
 def launch_kernel(runtime: Path, env: dict, cwd: str):
-    """Start an ipykernel; returns (KernelManager, client) once it answers."""
-    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Start an ipykernel; returns (KernelManager, client) once it answers.
+
+    `runtime`'s parent (the server's runtime folder) must exist: a kernel starting while the
+    server shuts down must fail, not recreate the folder the server just removed.
+    """
+    runtime.mkdir(mode=0o700, exist_ok=True)
     # IPC sockets and the connection file in the server's private folder: no TCP port, no
     # litter in ~/.local/share/jupyter, and one rmtree cleans everything.
     km = KernelManager(transport="ipc", ip=str(runtime / "k"), connection_file=str(runtime / "connection.json"))
@@ -806,6 +810,7 @@ class SessionManager:
         self.kernel_env = dict(os.environ if kernel_env is None else kernel_env)
         self._own_runtime = runtime is None
         self.runtime = Path(tempfile.mkdtemp(prefix="scribe-kernels-") if runtime is None else runtime)
+        self.runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -842,7 +847,8 @@ class SessionManager:
             if km is not None:
                 stop_kernel(km, kc)
         except Exception as exc:  # a session then starts its own kernel, and says why if that fails too
-            print(f"[scribe] spare kernel failed to start: {exc}", file=sys.stderr, flush=True)
+            if not self._closed.is_set():  # while shutting down, failing is expected
+                print(f"[scribe] spare kernel failed to start: {exc}", file=sys.stderr, flush=True)
         finally:
             self._spare_lock.release()
 
@@ -927,6 +933,7 @@ class SessionManager:
         threads = [threading.Thread(target=s.shutdown, args=(0.15,), daemon=True) for s in sessions]
         if spare:
             threads.append(threading.Thread(target=stop_kernel, args=spare[1:], daemon=True))
+
         for t in threads:
             t.start()
         for t in threads:
