@@ -406,6 +406,15 @@ class _Stream:
 # ---------------------------------------------------------------------------
 
 
+KERNEL_ARGS = [
+    # No IPython history: it writes every cell to one SQLite file shared by all kernels (0.8 ms a cell).
+    "--HistoryManager.enabled=False",
+    # ipykernel sleeps 0.5 ms before every execute_reply so that output reaches clients that stop
+    # at the reply; a cell here ends at the `idle` status, which comes after all of its output.
+    "--IPythonKernel._execute_sleep=0",
+]
+
+
 def launch_kernel(runtime: Path, env: dict, cwd: str):
     """Start an ipykernel; returns (KernelManager, client) once it answers.
 
@@ -416,8 +425,7 @@ def launch_kernel(runtime: Path, env: dict, cwd: str):
     # IPC sockets and the connection file in the server's private folder: no TCP port, no
     # litter in ~/.local/share/jupyter, and one rmtree cleans everything.
     km = KernelManager(transport="ipc", ip=str(runtime / "k"), connection_file=str(runtime / "connection.json"))
-    # No IPython history: it writes every cell to one SQLite file shared by all kernels.
-    km.start_kernel(cwd=cwd, env=env, extra_arguments=["--HistoryManager.enabled=False"])
+    km.start_kernel(cwd=cwd, env=env, extra_arguments=KERNEL_ARGS)
     kc = km.client()
     # Never drop IOPub messages: the kernel's high-water mark would discard output (and the
     # final idle status) whenever we fall behind a flood.

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import fcntl
 import hmac
 import importlib.metadata
 import json
@@ -32,11 +33,13 @@ import secrets
 import shlex
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -46,6 +49,7 @@ from typing_extensions import TypedDict  # pydantic needs this one on Python < 3
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.stdio import stdio_server
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import Field
 
@@ -314,10 +318,16 @@ def _session(sessions: kernel.SessionManager, session_id: str) -> kernel.Session
         raise _tool_error(exc) from None
 
 
+# Blocking session work runs in this pool: an executor future costs a quick cell about half a
+# millisecond less than anyio's thread hop plus a task group for progress. A call waiting for
+# its session's lock holds a thread, hence a generous bound (anyio's is 40).
+_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="scribe-call")
+
+
 async def _blocking(fn, *args):
     """Run blocking session work in a thread; every failure becomes a readable tool error."""
     try:
-        return await anyio.to_thread.run_sync(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(_THREADS, fn, *args)
     except Exception as exc:
         raise _tool_error(exc) from None
 
@@ -345,33 +355,23 @@ class _Activity:
 
 
 async def _run_blocking(ctx: Context, work, on_cancel) -> object:
-    """Run `work(activity)` in a thread, sending progress while it runs; cancelling calls on_cancel."""
+    """Run `work(activity)` in a thread, sending progress while it runs; cancelling calls on_cancel
+    (the thread is left to finish on its own)."""
     activity = _Activity()
-
-    async def progress() -> None:
-        ticks, sent, last = 0, None, time.monotonic()
-        while True:
-            await anyio.sleep(0.25)
+    future = asyncio.get_running_loop().run_in_executor(_THREADS, work, activity)
+    ticks, sent, last = 0, None, time.monotonic()
+    try:
+        while not (await asyncio.wait([future], timeout=0.25))[0]:
             if activity.status != sent or time.monotonic() - last >= PROGRESS_EVERY:
                 ticks, sent, last = ticks + 1, activity.status, time.monotonic()
                 await ctx.report_progress(ticks, None, activity.message())
-
-    outcome: list = []
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(progress)
-            try:
-                outcome.append(await anyio.to_thread.run_sync(work, activity, abandon_on_cancel=True))
-            except Exception as exc:  # kept out of the task group, which would wrap it in a group
-                outcome.append(exc)
-            finally:
-                tg.cancel_scope.cancel()
-    except anyio.get_cancelled_exc_class():
+    except asyncio.CancelledError:
         on_cancel()
         raise
-    if isinstance(outcome[0], Exception):
-        raise _tool_error(outcome[0])
-    return outcome[0]
+    try:
+        return future.result()
+    except Exception as exc:
+        raise _tool_error(exc) from None
 
 
 async def _run_cell(ctx: Context, session: kernel.Session, run) -> CallToolResult:
@@ -687,6 +687,69 @@ def _technique_catalog(offered: tuple[str, ...] = ()) -> dict:
 # Transports and entry point
 # ---------------------------------------------------------------------------
 
+WIRE_LINE_MAX = 1 << 30  # one JSON-RPC message per line; a cell's source can be large
+
+
+def claim_stdio() -> tuple[int, int] | None:
+    """Take the MCP wire (fds 0 and 1) for the server alone: it is served from private
+    duplicates while fd 0 reads /dev/null and fd 1 writes to stderr, so a stray print of the
+    server, a library or a child process cannot corrupt it. None when the wire is not two pipes
+    or sockets (a terminal, a file): the SDK's own transport serves those."""
+    if not all(stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) for mode in (os.fstat(0).st_mode, os.fstat(1).st_mode)):
+        return None
+    wire = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3), fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    return wire
+
+
+class _WireIn:
+    """Requests as the SDK's stdio transport iterates them, read on the event loop itself."""
+
+    def __init__(self, reader: asyncio.StreamReader):
+        self.reader = reader
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        line = await self.reader.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line.decode("utf-8", "replace")
+
+
+class _WireOut:
+    """Answers as the SDK's stdio transport writes them: written at once when the pipe has room."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+
+    async def write(self, text: str) -> None:
+        self.writer.write(text.encode())
+
+    async def flush(self) -> None:
+        await self.writer.drain()
+
+
+async def serve_stdio(mcp: MCPServer, wire: tuple[int, int] | None) -> None:
+    """MCP over stdio. The SDK's default reads and writes every line through a worker thread
+    (three thread hops a request, about a tenth of a quick cell's round trip); here the wire's
+    pipes are read and written on the event loop."""
+    if wire is None:
+        return await mcp.run_stdio_async()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=WIRE_LINE_MAX)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(wire[0], "rb", 0))
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, os.fdopen(wire[1], "wb", 0))
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    server = mcp._lowlevel_server  # MCPServer.run_stdio_async without the thread-backed files
+    async with stdio_server(_WireIn(reader), _WireOut(writer)) as (read_stream, write_stream):
+        await server.run(read_stream, write_stream, server.create_initialization_options())
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -858,6 +921,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         print_config()
         return
+    # Claimed before any kernel or worker starts, so no child inherits the wire.
+    wire = claim_stdio() if args.transport == "stdio" else None
     try:
         scribe = Scribe(args)
     except ValueError as exc:  # a bad experiment file: one sentence, not a traceback
@@ -891,7 +956,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[scribe] MCP server on stdio with {scribe.spec.display_name}, waiting for an MCP "
                       "client; connect an agent with `python scribe_mcp.py --print-config claude`. "
                       "Ctrl-C stops it.", file=sys.stderr, flush=True)
-            mcp.run()
+            anyio.run(serve_stdio, mcp, wire)
     finally:
         try:
             scribe.close()

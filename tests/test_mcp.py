@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -412,3 +413,47 @@ def test_cancels_through_mcp_are_precise_and_resume_reports_each_cell(tmp_path):
             assert "Out[" in text(later) and "False" in text(later)  # the cells after the cancel never ran
 
     anyio.run(scenario)
+
+
+def test_the_stdio_wire_takes_a_3_mb_cell_and_answers_in_order(tmp_path):
+    """stdio is read on the event loop: a request line far beyond asyncio's 64 KiB default
+    arrives whole, and answers to calls sent together all come back."""
+    big = "blob = '" + "x" * 3_000_000 + "'\nprint(len(blob))"
+
+    async def scenario():
+        async with scribe(tmp_path / "nb") as s:
+            sid = (await call(s, "start_new_session")).structured_content["session_id"]
+            assert text(await call(s, "execute_code", session_id=sid, code=big)).split()[-1] == "3000000"
+            results = {}
+
+            async def one(i):
+                results[i] = text(await call(s, "execute_code", session_id=sid, code=f"print({i} * 2)"))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(one, i)
+            assert all(results[i].split()[-1] == str(i * 2) for i in range(20)), results
+
+    anyio.run(scenario)
+
+
+def test_a_server_started_in_a_terminal_still_speaks_mcp(tmp_path):
+    """stdin a terminal (not a pipe): the SDK's own stdio transport serves it."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, SERVER, "--notebook-dir", str(tmp_path / "nb")], stdin=slave,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=server_env())
+    os.close(slave)
+    try:
+        hello = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+        os.write(master, (json.dumps(hello) + "\n").encode())
+        assert select.select([proc.stdout], [], [], 60)[0], "no answer within 60 s"
+        answer = json.loads(proc.stdout.readline())
+        assert answer["id"] == 1 and answer["result"]["serverInfo"]["name"] == "scribe", answer
+        assert b"waiting for an MCP client" in proc.stderr.read1(4096)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        os.close(master)
