@@ -320,8 +320,9 @@ def _session(sessions: kernel.SessionManager, session_id: str) -> kernel.Session
 
 # Blocking session work runs in this pool: an executor future costs a quick cell about half a
 # millisecond less than anyio's thread hop plus a task group for progress. A call waiting for
-# its session's lock holds a thread, hence a generous bound (anyio's is 40).
-_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="scribe-call")
+# its session's lock holds a thread, so the bound is far above what agents queue (anyio's 40
+# let 40 calls queued on one session stall every other session); threads start only when needed.
+_THREADS = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="scribe-call")
 
 
 async def _blocking(fn, *args):

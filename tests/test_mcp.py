@@ -457,3 +457,36 @@ def test_a_server_started_in_a_terminal_still_speaks_mcp(tmp_path):
         proc.terminate()
         proc.wait(timeout=10)
         os.close(master)
+
+
+def test_a_hundred_calls_queued_on_one_session_never_block_another(tmp_path):
+    """Each call waiting for its busy session holds a server thread; another session still answers."""
+    gate = tmp_path / "go"
+    hold = f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.02)"
+
+    async def scenario():
+        async with scribe(tmp_path / "nb") as s:
+            busy = (await call(s, "start_new_session")).structured_content["session_id"]
+            free = (await call(s, "start_new_session")).structured_content["session_id"]
+            done = []
+
+            async def queued(i, code=None):
+                await call(s, "execute_code", session_id=busy, code=code or str(i))
+                done.append(i)
+
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(queued, -1, hold)
+                    await anyio.sleep(0.5)
+                    for i in range(100):
+                        tg.start_soon(queued, i)
+                    await anyio.sleep(1)
+                    with anyio.fail_after(30):
+                        answer = text(await call(s, "execute_code", session_id=free, code="'free answers'"))
+                    assert "'free answers'" in answer and done == [], (answer, done)
+                    gate.touch()
+            finally:
+                gate.touch()
+            assert sorted(done) == list(range(-1, 100))
+
+    anyio.run(scenario)
