@@ -49,6 +49,9 @@ MERGE_EVERY = 0.5
 IDLE_AFTER_REPLY = 0.5
 # Images larger than this are not decoded for the agent (a 20000x20000 PNG is 1.6 GB of pixels).
 IMAGE_PIXELS_MAX = 40_000_000
+# Images returned with one cell: Claude Code counts each as ~1,600 tokens against its 25k-token
+# result limit (with a full text output, 8 stay well under it); read_cell shows the others.
+IMAGES_PER_RESULT = 8
 # Longest notebook file name we create (file systems refuse names over 255 bytes).
 NAME_MAX = 120
 
@@ -143,9 +146,10 @@ def render(outputs: list, output_limit: int = DEFAULT_OUTPUT_LIMIT,
            image_max: int | None = DEFAULT_IMAGE_MAX) -> tuple[str, list[tuple[str, bytes]], list[str]]:
     """Outputs → (text, images, notes). Text over the limit keeps its head and tail.
 
-    image_max None: text only; images are counted as `[image N]` markers but not decoded.
+    Images are numbered in output order, `[image N]` in the text, and the first
+    IMAGES_PER_RESULT are returned. image_max None: text only, no image is decoded.
     """
-    parts, images, notes, n_images = [], [], [], 0
+    parts, images, notes, n_images, hidden = [], [], [], 0, 0
     for out in outputs:
         kind = out.get("output_type")
         if kind == "stream":
@@ -154,22 +158,45 @@ def render(outputs: list, output_limit: int = DEFAULT_OUTPUT_LIMIT,
             parts.append(error_text(out))
         elif kind in ("execute_result", "display_data"):
             data = out.get("data", {})
-            image = next((m for m in ("image/png", "image/jpeg") if m in data), None)
-            shown = image is not None and image_max is None
-            if image and image_max is not None:
+            image = _image_type(data)
+            if image is None:
+                if "text/plain" in data:
+                    prefix = f"Out[{out['execution_count']}]: " if kind == "execute_result" else ""
+                    parts.append(f"{prefix}{data['text/plain']}\n")
+                continue
+            n_images += 1
+            if image_max is not None and len(images) >= IMAGES_PER_RESULT:
+                hidden += 1
+                parts.append(f"[image {n_images}: not shown, read_cell(image={n_images}) shows it]\n")
+                continue
+            if image_max is not None:
                 try:
-                    images.append(downscale(image.split("/")[1], base64.b64decode(data[image]), image_max))
-                    shown = True
+                    images.append(downscale(image, base64.b64decode(data[f"image/{image}"]), image_max))
                 except Exception as exc:  # the cell ran; one bad image must not hide its result
-                    notes.append(f"an image could not be shown ({type(exc).__name__}: {exc}); "
+                    notes.append(f"image {n_images} could not be shown ({type(exc).__name__}: {exc}); "
                                  "it is kept in the notebook")
-            if shown:
-                n_images += 1
-                parts.append(f"[image {n_images}]\n")
-            elif "text/plain" in data:
-                prefix = f"Out[{out['execution_count']}]: " if kind == "execute_result" else ""
-                parts.append(f"{prefix}{data['text/plain']}\n")
+            parts.append(f"[image {n_images}]\n")
+    if hidden:
+        notes.append(f"{n_images} images: the first {IMAGES_PER_RESULT} are shown (more would overflow clients' "
+                     f"result limits); read_cell(cell_index, image=N) shows image N, or draw several plots "
+                     f"in one figure")
     return truncate("".join(parts), output_limit), images, notes
+
+
+def _image_type(data: dict) -> str | None:
+    return next((kind for kind in ("png", "jpeg") if f"image/{kind}" in data), None)
+
+
+def cell_image(cell, number: int, image_max: int) -> tuple[str, bytes]:
+    """Image `number` (counted from 1, as `[image N]` in a cell's output) of a code cell, downscaled."""
+    found = [data for out in cell.get("outputs", []) if out.get("output_type") in ("execute_result", "display_data")
+             for data in [out.get("data", {})] if _image_type(data)]
+    if not 1 <= number <= len(found):
+        raise SessionError(f"image={number}: this cell has {len(found)} image(s)"
+                           + (f"; choose 1 to {len(found)}" if found else ""))
+    data = found[number - 1]
+    kind = _image_type(data)
+    return downscale(kind, base64.b64decode(data[f"image/{kind}"]), image_max)
 
 
 def error_text(out) -> str:

@@ -282,9 +282,12 @@ def cell_text(result: kernel.CellResult) -> str:
 def _cell_result(result: kernel.CellResult) -> CallToolResult:
     """Text and images only: see the module docstring."""
     content = [TextContent(text=cell_text(result))]
-    content += [ImageContent(data=base64.b64encode(data).decode(), mime_type=f"image/{fmt}")
-                for fmt, data in result.images]
+    content += [_image(fmt, data) for fmt, data in result.images]
     return CallToolResult(content=content, is_error=False)
+
+
+def _image(fmt: str, data: bytes) -> ImageContent:
+    return ImageContent(data=base64.b64encode(data).decode(), mime_type=f"image/{fmt}")
 
 
 def _text_result(text: str) -> CallToolResult:
@@ -517,7 +520,7 @@ def build_server(scribe: Scribe) -> MCPServer:
         code: Annotated[str, Field(description="Python source for one new cell")],
         ctx: Context,
     ) -> CallToolResult:
-        """Append a code cell to the session's notebook, run it, and return its outputs. The first line says `error: Name: message` when the cell raised, else `[cell N · In [n] · ok]`; then stdout/stderr, the cell's value (Out[n]), the traceback, and images (e.g. matplotlib plots). Long output is cut in the middle (read_cell shows all of it); progress bars show their last state. A cell running longer than the server's cell timeout is interrupted; cancelling the request interrupts it too (or, if it is still waiting behind another cell, it never runs)."""
+        """Append a code cell to the session's notebook, run it, and return its outputs. The first line says `error: Name: message` when the cell raised, else `[cell N · In [n] · ok]`; then stdout/stderr, the cell's value (Out[n]), the traceback, and images (e.g. matplotlib plots; at most 8, read_cell(image=N) shows the others). Long output is cut in the middle (read_cell shows all of it); progress bars show their last state. A cell running longer than the server's cell timeout is interrupted; cancelling the request interrupts it too (or, if it is still waiting behind another cell, it never runs)."""
         session = _session(sessions, session_id)
         scribe.ensure_worker()
         return await _run_cell(ctx, session, lambda cb, ticket: session.execute(code, on_output=cb, ticket=ticket))
@@ -592,16 +595,24 @@ def build_server(scribe: Scribe) -> MCPServer:
         offset: Annotated[int, Field(description="first character of the output to return", ge=0)] = 0,
         limit: Annotated[int, Field(description="how many characters of output to return", ge=1,
                                     le=RESULT_CHARS_MAX)] = 8000,
+        image: Annotated[int | None, Field(description="also return image N of the cell's output, numbered as "
+                                                       "`[image N]` in the output text", ge=1)] = None,
     ) -> CellSlice:
-        """Read one cell's full source and a slice of its output text (offset/limit), e.g. the part a long result cut. `more` says whether output continues past this slice."""
+        """Read one cell's full source and a slice of its output text (offset/limit), e.g. the part a long result cut; with `image`, one of its images too (e.g. one a result did not show). `more` says whether output continues past this slice."""
         def read():  # no session lock: reading must not wait for a running cell
-            return kernel.read_cell(find_notebook(session_id, notebook_path)[1], cell_index)
+            position, cell, text = kernel.read_cell(find_notebook(session_id, notebook_path)[1], cell_index)
+            shown = None if image is None else kernel.cell_image(cell, image, sessions.image_max)
+            return position, cell, text, shown
 
-        position, cell, text = await _blocking(read)
+        position, cell, text, shown = await _blocking(read)
         part = text[offset:offset + limit]
-        return {"cell_index": position, "type": cell.cell_type, "status": kernel.cell_status(cell),
-                "source": cell.source, "output": part, "output_offset": offset, "output_chars": len(text),
-                "more": offset + limit < len(text)}
+        found: CellSlice = {"cell_index": position, "type": cell.cell_type, "status": kernel.cell_status(cell),
+                            "source": cell.source, "output": part, "output_offset": offset,
+                            "output_chars": len(text), "more": offset + limit < len(text)}
+        if shown is None:
+            return found
+        return CallToolResult(content=[TextContent(text=json.dumps(found)), _image(*shown)],
+                              structured_content=found)
 
     @mcp.tool(annotations=RUNS)
     async def insert_cell(

@@ -490,3 +490,27 @@ def test_a_hundred_calls_queued_on_one_session_never_block_another(tmp_path):
             assert sorted(done) == list(range(-1, 100))
 
     anyio.run(scenario)
+
+
+def test_a_cell_with_twelve_plots_returns_eight_and_read_cell_shows_the_rest(tmp_path):
+    """Claude Code counts ~1,600 tokens an image against its 25k limit: a result carries at most
+    eight; the others are numbered in the text and one read_cell away."""
+    plots = ("import matplotlib.pyplot as plt\nfor i in range(12):\n"
+             "    plt.figure(figsize=(2, 2)); plt.title(f'plot {i + 1}'); plt.plot([0, i]); plt.show()")
+
+    async def scenario():
+        async with scribe(tmp_path / "nb") as s:
+            sid = (await call(s, "start_new_session")).structured_content["session_id"]
+            result = await call(s, "execute_code", session_id=sid, code=plots)
+            shown = text(result)
+            assert [c.type for c in result.content] == ["text"] + ["image"] * 8
+            assert "[image 8]" in shown and "[image 9: not shown, read_cell(image=9) shows it]" in shown
+            assert shown.splitlines()[1].startswith("warning: 12 images: the first 8 are shown")
+            one = await call(s, "read_cell", session_id=sid, cell_index=-1, image=12)
+            assert [c.type for c in one.content] == ["text", "image"] and one.content[1].mime_type == "image/png"
+            assert one.structured_content["output"].count("[image") == 12
+            assert base64.b64decode(one.content[1].data).startswith(b"\x89PNG")
+            wrong = await s.call_tool("read_cell", {"session_id": sid, "cell_index": -1, "image": 13})
+            assert wrong.is_error and "this cell has 12 image(s); choose 1 to 12" in text(wrong)
+
+    anyio.run(scenario)
