@@ -476,6 +476,16 @@ def kill_kernel(km) -> None:
             km.provisioner.process.wait(timeout=2)
 
 
+def _cwd_deleted(km) -> bool:
+    """Whether the kernel's working folder was deleted after it started (Linux shows this in
+    /proc): relative paths in its cells would fail, even once the folder is made again."""
+    pid = getattr(getattr(km, "provisioner", None), "pid", None)
+    try:
+        return os.readlink(f"/proc/{pid}/cwd").endswith(" (deleted)")
+    except OSError:
+        return False
+
+
 def stop_kernel(km, kc) -> None:
     if kc is not None:
         kc.stop_channels()
@@ -989,7 +999,7 @@ class SessionManager:
         try:
             with session.lock:  # the idle reaper and shutdown wait for the kernel to be up
                 session._save_or_raise()
-                if spare and spare[1].is_alive():
+                if spare and spare[1].is_alive() and not _cwd_deleted(spare[1]):
                     session.km, session.kc = spare[1], spare[2]
                 else:
                     if spare:
@@ -1009,6 +1019,7 @@ class SessionManager:
         base = f"{stamp}_{_slug(name) if slug else name}"[:NAME_MAX]
         path, n = self.notebook_dir / f"{base}.ipynb", 2
         with self._lock:
+            self.notebook_dir.mkdir(parents=True, exist_ok=True)  # someone may have deleted it meanwhile
             while path.exists():
                 path, n = self.notebook_dir / f"{base}_{n}.ipynb", n + 1
             path.touch()  # claim the name before another session takes it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import threading
 import time
@@ -434,3 +435,20 @@ def test_cancels_racing_the_end_of_calls_never_kill_the_worker(served):
     sock.close()
     assert len(done) == 200
     assert _worker_pid(socket_path) == pid
+
+
+def test_a_deleted_notebook_folder_is_made_again_and_new_kernels_work_in_it(nbdir):
+    m = kernel.SessionManager(nbdir, cell_timeout=40, spare_kernel=True)
+    try:
+        first = m.start_new("before")
+        deadline = time.monotonic() + 30
+        while m._spare is None and time.monotonic() < deadline:  # a spare kernel waits in the folder
+            time.sleep(0.05)
+        shutil.rmtree(nbdir)
+        s = m.start_new("after")  # not a kernel whose working folder is gone
+        r = s.execute("import os\nopen('written.txt', 'w').write('x')\nprint(os.getcwd())")
+        assert r.status == "ok" and r.text.strip() == str(nbdir.resolve()), r.text
+        assert (nbdir / "written.txt").exists() and saved(s.path).cells[0].outputs
+        assert first.execute("1 + 1").status == "ok" and saved(first.path).cells[0].outputs
+    finally:
+        m.shutdown_all()
