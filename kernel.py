@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import html
 import json
 import os
 import re
@@ -56,6 +57,9 @@ IMAGES_PER_RESULT = 8
 NAME_MAX = 120
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_DEFAULT_REPR = re.compile(r"<[\w.]+( object)?( at 0x[0-9a-f]+)?>")
+_SCRIPT = re.compile(r"<(script|style)\b.*?</\1\s*>", re.S | re.I)
+_TAG = re.compile(r"<[^>]*>")
 _PROJECT_DIR = str(Path(__file__).resolve().parent)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -160,9 +164,10 @@ def render(outputs: list, output_limit: int = DEFAULT_OUTPUT_LIMIT,
             data = out.get("data", {})
             image = _image_type(data)
             if image is None:
-                if "text/plain" in data:
+                text = display_text(data)
+                if text is not None:
                     prefix = f"Out[{out['execution_count']}]: " if kind == "execute_result" else ""
-                    parts.append(f"{prefix}{data['text/plain']}\n")
+                    parts.append(f"{prefix}{text}\n")
                 continue
             n_images += 1
             if image_max is not None and len(images) >= IMAGES_PER_RESULT:
@@ -181,6 +186,19 @@ def render(outputs: list, output_limit: int = DEFAULT_OUTPUT_LIMIT,
                      f"result limits); read_cell(cell_index, image=N) shows image N, or draw several plots "
                      f"in one figure")
     return truncate("".join(parts), output_limit), images, notes
+
+
+def display_text(data: dict) -> str | None:
+    """A rich output as text: markdown as written; HTML without its tags when the plain form is
+    only an object's default repr (`<IPython.core.display.HTML object>` tells the agent nothing)."""
+    if "text/markdown" in data:
+        return data["text/markdown"]
+    plain = data.get("text/plain")
+    if "text/html" in data and (plain is None or _DEFAULT_REPR.fullmatch(plain.strip())):
+        text = html.unescape(_TAG.sub(" ", _SCRIPT.sub(" ", data["text/html"])))
+        lines = (" ".join(line.split()) for line in text.splitlines())
+        return "[HTML as text] " + "\n".join(line for line in lines if line)
+    return plain
 
 
 def _image_type(data: dict) -> str | None:

@@ -77,7 +77,7 @@ def test_add_markdown_returns_its_index(sessions):
     assert saved(s.path).cells[1].source == "## Finding\nParis wins."
 
 
-def test_images_come_back_downscaled_and_html_falls_back_to_text(nbdir):
+def test_images_come_back_downscaled_and_markdown_and_html_read_as_text(nbdir):
     m = kernel.SessionManager(nbdir, image_max=200)
     try:
         s = m.start_new("plots")
@@ -87,8 +87,12 @@ def test_images_come_back_downscaled_and_html_falls_back_to_text(nbdir):
         assert fmt == "png" and max(kernel.image_size(fmt, data)) == 200
         full = base64.b64decode(saved(s.path).cells[0].outputs[0]["data"]["image/png"])
         assert max(kernel.image_size("png", full)) > 200  # the notebook keeps the full image
-        r = s.execute("from IPython.display import HTML\nHTML('<b>bold</b>')")
-        assert "IPython.core.display.HTML object" in r.text and not r.images
+        r = s.execute("from IPython.display import HTML, Markdown, display\n"
+                      "display(Markdown('# Result\\n*p* = 0.01'))\n"
+                      "display(HTML('<script>var junk = 1;</script><table><tr><td>a &amp; b</td><td>2</td></tr></table>'))\n"
+                      "import pandas as pd\npd.DataFrame({'col': [7]}).style")
+        assert not r.images and "# Result\n*p* = 0.01\n" in r.text and "[HTML as text] a & b 2\n" in r.text
+        assert "junk" not in r.text and "object>" not in r.text and "col" in r.text and "7" in r.text
     finally:
         m.shutdown_all()
 
