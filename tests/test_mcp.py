@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import inspect
 import json
 import os
 import select
@@ -415,15 +417,38 @@ def test_cancels_through_mcp_are_precise_and_resume_reports_each_cell(tmp_path):
     anyio.run(scenario)
 
 
+def open_fds(pid) -> dict:
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            found[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return found
+
+
+PIPES = f"""import contextlib, json, os
+{inspect.getsource(open_fds)}
+print(json.dumps(open_fds(os.getpid())))
+print(json.dumps(open_fds(os.getppid())))
+"""
+
+
 def test_the_stdio_wire_takes_a_3_mb_cell_and_answers_in_order(tmp_path):
     """stdio is read on the event loop: a request line far beyond asyncio's 64 KiB default
-    arrives whole, and answers to calls sent together all come back."""
+    arrives whole, answers to calls sent together all come back, and the wire is the server's alone."""
     big = "blob = '" + "x" * 3_000_000 + "'\nprint(len(blob))"
 
     async def scenario():
         async with scribe(tmp_path / "nb") as s:
             sid = (await call(s, "start_new_session")).structured_content["session_id"]
             assert text(await call(s, "execute_code", session_id=sid, code=big)).split()[-1] == "3000000"
+            # The wire is the server's alone: its fds 0 and 1 are /dev/null and stderr, and the
+            # kernel (the spare started with the server) holds neither end of it.
+            found = text(await call(s, "execute_code", session_id=sid, code=PIPES))
+            kernel_fds, server_fds = (json.loads(line) for line in found.splitlines()[-2:])
+            assert server_fds["0"] == "/dev/null" and server_fds["1"] == server_fds["2"], server_fds
+            wire = {fd for fd in server_fds.values() if fd.startswith("pipe:")} & set(
+                open_fds(os.getpid()).values()) - {server_fds["2"]}
+            assert wire and not wire & set(kernel_fds.values()), (wire, kernel_fds)
             results = {}
 
             async def one(i):
