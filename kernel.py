@@ -720,6 +720,11 @@ class Session:
             status, note = self._collect(cell, msg_id, timeout, on_output)
         finally:
             self.running_cell = None
+        if status == "exited":
+            self.restart()
+            status = "ok"
+            notes.append("the cell called exit() or quit(), which stops the kernel: a fresh kernel was started, "
+                         "so variables from earlier cells are gone; re-run the cells you need")
         warning = self.file.save(changed=cell)
         if warning:
             notes.append(warning)
@@ -737,7 +742,7 @@ class Session:
         """
         deadline = time.monotonic() + timeout
         last_save = last_merge = time.monotonic()
-        interrupted_at = replied_at = None
+        interrupted_at = replied_at = reply = None
         streams: dict[int, _Stream] = {}  # output index → stream being written
 
         def flush() -> None:
@@ -764,7 +769,7 @@ class Session:
                 try:
                     msg = self.kc.iopub_channel.get_msg(timeout=0.05 if replied_at else 0.2)
                 except Empty:
-                    if replied_at is None and self._replied(msg_id, cell):
+                    if replied_at is None and (reply := self._replied(msg_id, cell)) is not None:
                         replied_at = time.monotonic()
                     elif replied_at is not None and now - replied_at > IDLE_AFTER_REPLY:
                         break
@@ -776,7 +781,7 @@ class Session:
                 kind, content = msg["msg_type"], msg["content"]
                 if kind == "status" and content["execution_state"] == "idle":
                     if replied_at is None:
-                        self._replied(msg_id, cell, wait=2.0)
+                        reply = self._replied(msg_id, cell, wait=2.0)
                     break
                 if kind == "execute_input":
                     cell.execution_count = content["execution_count"]
@@ -802,6 +807,8 @@ class Session:
             return "interrupted", "\n[Interrupted: the session was shut down while this cell ran]"
         if interrupted_at is not None:
             return "timeout", f"\n[Timed out after {timeout:g}s: the cell was interrupted; the kernel keeps its state]"
+        if any(p.get("source") == "ask_exit" and not p.get("keepkernel") for p in (reply or {}).get("payload", [])):
+            return "exited", ""  # exit() or quit(): ipykernel stops its process 0.1 s after the reply
         return "ok", ""
 
     def _died(self, cell, flush) -> tuple[str, str]:
@@ -815,17 +822,17 @@ class Session:
         return "died", ("\n[The kernel died. A fresh kernel was started: variables from earlier "
                         "cells are gone, re-run the cells you need]")
 
-    def _replied(self, msg_id: str, cell, wait: float = 0.0) -> bool:
-        """Consume shell replies; True once this execution's execute_reply has come."""
+    def _replied(self, msg_id: str, cell, wait: float = 0.0) -> dict | None:
+        """Consume shell replies; this execution's execute_reply content once it has come."""
         while True:
             try:
                 msg = self.kc.shell_channel.get_msg(timeout=wait)
             except Empty:
-                return False
+                return None
             if msg["parent_header"].get("msg_id") == msg_id:
                 if cell.execution_count is None:  # its execute_input was lost
                     cell.execution_count = msg["content"].get("execution_count")
-                return True
+                return msg["content"]
 
 
 def _node(**fields) -> nbformat.NotebookNode:

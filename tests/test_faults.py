@@ -170,6 +170,22 @@ def test_a_kernel_killed_between_cells_is_reported(sessions):
     assert any("kernel had died since your last cell" in n and "variables are gone" in n for n in r.notes)
 
 
+def test_exit_in_a_cell_is_reported_by_that_cell_not_a_later_one(sessions):
+    """ipykernel stops its process shortly after a cell calls exit(); the next cells must not be
+    the ones that find the kernel dead."""
+    s = sessions.start_new("exits")
+    for leave in ("exit()", "quit()"):
+        s.execute("x = 1")
+        r = s.execute(f"print('bye')\n{leave}")
+        assert r.status == "ok" and r.text == "bye\n"
+        assert any(n.startswith("the cell called exit() or quit()") for n in r.notes), r.notes
+        for _ in range(3):  # quick cells right after: none of them dies
+            later = s.execute("print('x' in dir())")
+            assert later.status == "ok" and later.text == "False\n" and not later.notes, later
+    r = s.execute("import sys\nsys.exit(3)")  # SystemExit is an ordinary error in a kernel
+    assert r.status == "error" and not r.notes and s.execute("1").status == "ok"
+
+
 def test_shutdown_during_a_cell_is_quick_and_the_cell_says_why(sessions):
     for code in ("import time\ntime.sleep(60)",
                  "import time\nwhile True:\n    try:\n        time.sleep(0.05)\n    except KeyboardInterrupt:\n        pass"):
