@@ -807,7 +807,11 @@ class Session:
             return "interrupted", "\n[Interrupted: the session was shut down while this cell ran]"
         if interrupted_at is not None:
             return "timeout", f"\n[Timed out after {timeout:g}s: the cell was interrupted; the kernel keeps its state]"
-        if any(p.get("source") == "ask_exit" and not p.get("keepkernel") for p in (reply or {}).get("payload", [])):
+        payloads = (reply or {}).get("payload", [])
+        for page in (p for p in payloads if p.get("source") == "page"):  # `obj?`: Jupyter shows a pager
+            cell.outputs.append(_node(output_type="stream", name="stdout",
+                                      text=_ANSI.sub("", page.get("data", {}).get("text/plain", "")) + "\n"))
+        if any(p.get("source") == "ask_exit" and not p.get("keepkernel") for p in payloads):
             return "exited", ""  # exit() or quit(): ipykernel stops its process 0.1 s after the reply
         return "ok", ""
 
