@@ -300,14 +300,14 @@ class NotebookFile:
             with contextlib.suppress(OSError):
                 stale.unlink()
 
-    def save(self, changed=None) -> str | None:
-        """Write the file; `changed` is a cell edited since the last save (its cached JSON is stale).
+    def save(self, *changed) -> str | None:
+        """Write the file; `changed` are cells edited since the last save (their cached JSON is stale).
 
         Never raises: a failed save (disk full, folder deleted) returns a one-line warning, and
         the next save writes everything again.
         """
-        if changed is not None:
-            self._cell_json.pop(id(changed), None)
+        for cell in changed:
+            self._cell_json.pop(id(cell), None)
         try:
             self._write()
         except Exception as exc:
@@ -525,6 +525,8 @@ class Session:
         self.kc = None
         self.closing = False
         self.running_cell = None  # the cell being executed now, for the live view
+        self._executed: dict[str, object] = {}  # msg_id -> cell, for this kernel's recent executions
+        self._late: list = []  # earlier cells that got output since they finished
         self._runtime = manager.runtime / f"kernel-{session_id}"
 
     @property
@@ -539,6 +541,7 @@ class Session:
 
     def start_kernel(self) -> None:
         self.km, self.kc = launch_kernel(self._runtime, self.manager.env_for(self.id), str(self.path.parent))
+        self._executed = {}
 
     def stop_kernel(self) -> None:
         stop_kernel(self.km, self.kc)
@@ -672,8 +675,8 @@ class Session:
     def _position(self, index, insert: bool = False) -> int:
         return position(self.cells, index, insert)
 
-    def _save_or_raise(self, changed=None) -> None:
-        warning = self.file.save(changed)
+    def _save_or_raise(self, *changed) -> None:
+        warning = self.file.save(*changed)
         if warning:
             raise SessionError(warning)
 
@@ -715,6 +718,9 @@ class Session:
         timeout = self.manager.cell_timeout if timeout is None else timeout
         cell.outputs, cell.execution_count = [], None
         msg_id = self.kc.execute(cell.source, allow_stdin=False, stop_on_error=False)
+        self._executed[msg_id] = cell
+        if len(self._executed) > 100:
+            self._executed.pop(next(iter(self._executed)))
         self.running_cell = cell
         try:
             status, note = self._collect(cell, msg_id, timeout, on_output)
@@ -725,7 +731,11 @@ class Session:
             status = "ok"
             notes.append("the cell called exit() or quit(), which stops the kernel: a fresh kernel was started, "
                          "so variables from earlier cells are gone; re-run the cells you need")
-        warning = self.file.save(changed=cell)
+        late, self._late = self._late, []
+        for earlier in late:
+            notes.append(f"cell {self.cells.index(earlier)} printed more after it had finished (a thread it "
+                         "started); that output is kept in that cell")
+        warning = self.file.save(cell, *late)
         if warning:
             notes.append(warning)
         text, images, image_notes = render(cell.outputs, self.manager.output_limit, self.manager.image_max)
@@ -764,7 +774,7 @@ class Session:
                     flush()
                     last_merge = now
                 if now - last_save > SAVE_EVERY:
-                    self.file.save(changed=cell)
+                    self.file.save(cell)
                     last_save = now
                 try:
                     msg = self.kc.iopub_channel.get_msg(timeout=0.05 if replied_at else 0.2)
@@ -777,6 +787,7 @@ class Session:
                         return self._died(cell, flush)
                     continue
                 if msg["parent_header"].get("msg_id") != msg_id:
+                    self._late_output(msg)
                     continue
                 kind, content = msg["msg_type"], msg["content"]
                 if kind == "status" and content["execution_state"] == "idle":
@@ -814,6 +825,21 @@ class Session:
         if any(p.get("source") == "ask_exit" and not p.get("keepkernel") for p in payloads):
             return "exited", ""  # exit() or quit(): ipykernel stops its process 0.1 s after the reply
         return "ok", ""
+
+    def _late_output(self, msg) -> None:
+        """Output a thread of an earlier cell printed after that cell finished: it belongs to that
+        cell, as in Jupyter (and is saved with the current one)."""
+        cell = self._executed.get(msg["parent_header"].get("msg_id"))
+        if cell is None or msg["msg_type"] != "stream" or cell not in self.cells:
+            return
+        name, text = msg["content"]["name"], msg["content"]["text"]
+        last = cell.outputs[-1] if cell.outputs else None
+        if last is not None and last.get("output_type") == "stream" and last.get("name") == name:
+            last["text"] += text
+        else:
+            cell.outputs.append(_node(output_type="stream", name=name, text=text))
+        if not any(c is cell for c in self._late):
+            self._late.append(cell)
 
     def _died(self, cell, flush) -> tuple[str, str]:
         flush()

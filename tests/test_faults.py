@@ -46,6 +46,18 @@ def test_logging_floods_keep_every_line(sessions):
     assert err.count("\n") == 20000 and "line 19999\n" in err
 
 
+def test_output_a_thread_prints_after_its_cell_finished_is_kept_in_that_cell(sessions):
+    s = sessions.start_new("late")
+    s.execute("import threading, time\ndef later():\n    time.sleep(0.3)\n    print('late line')\n"
+              "threading.Thread(target=later).start()\nprint('started')")
+    time.sleep(1)
+    r = s.execute("print('B')")
+    assert r.text == "B\n" and any("cell 0 printed more after it had finished" in n for n in r.notes), r
+    cells = saved(s.path).cells
+    assert stream_text(cells[0]) == "started\nlate line\n" and stream_text(cells[1]) == "B\n"
+    assert not s.execute("1").notes  # told once
+
+
 def test_progress_bars_collapse_to_their_last_state(sessions):
     s = sessions.start_new("tqdm")
     r = s.execute("import sys\nfor i in range(10001):\n    sys.stderr.write(f'\\rstep {i:>5}/10000 ' + '#' * (i // 500))\n"
