@@ -170,11 +170,11 @@ def render(outputs: list, output_limit: int = DEFAULT_OUTPUT_LIMIT,
                     parts.append(f"{prefix}{text}\n")
                 continue
             n_images += 1
-            if image_max is not None and len(images) >= IMAGES_PER_RESULT:
-                hidden += 1
-                parts.append(f"[image {n_images}: not shown, read_cell(image={n_images}) shows it]\n")
-                continue
             if image_max is not None:
+                if len(images) >= IMAGES_PER_RESULT:
+                    hidden += 1
+                    parts.append(f"[image {n_images}: not shown, read_cell(image={n_images}) shows it]\n")
+                    continue
                 try:
                     images.append(downscale(image, base64.b64decode(data[f"image/{image}"]), image_max))
                 except Exception as exc:  # the cell ran; one bad image must not hide its result
@@ -207,13 +207,12 @@ def _image_type(data: dict) -> str | None:
 
 def cell_image(cell, number: int, image_max: int) -> tuple[str, bytes]:
     """Image `number` (counted from 1, as `[image N]` in a cell's output) of a code cell, downscaled."""
-    found = [data for out in cell.get("outputs", []) if out.get("output_type") in ("execute_result", "display_data")
-             for data in [out.get("data", {})] if _image_type(data)]
+    found = [(kind, data) for out in cell.get("outputs", []) if out.get("output_type") in ("execute_result", "display_data")
+             for data in [out.get("data", {})] if (kind := _image_type(data))]
     if not 1 <= number <= len(found):
         raise SessionError(f"image={number}: this cell has {len(found)} image(s)"
                            + (f"; choose 1 to {len(found)}" if found else ""))
-    data = found[number - 1]
-    kind = _image_type(data)
+    kind, data = found[number - 1]
     return downscale(kind, base64.b64decode(data[f"image/{kind}"]), image_max)
 
 
@@ -484,9 +483,13 @@ def launch_kernel(runtime: Path, env: dict, cwd: str):
     return km, kc
 
 
+def _kernel_pid(km) -> int | None:
+    return getattr(getattr(km, "provisioner", None), "pid", None)
+
+
 def kill_kernel(km) -> None:
     """SIGKILL the kernel's process group: processes a cell started die with it."""
-    pid = getattr(getattr(km, "provisioner", None), "pid", None)
+    pid = _kernel_pid(km)
     if pid:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)  # the kernel leads its own group (start_new_session)
@@ -497,9 +500,8 @@ def kill_kernel(km) -> None:
 def _cwd_deleted(km) -> bool:
     """Whether the kernel's working folder was deleted after it started (Linux shows this in
     /proc): relative paths in its cells would fail, even once the folder is made again."""
-    pid = getattr(getattr(km, "provisioner", None), "pid", None)
     try:
-        return os.readlink(f"/proc/{pid}/cwd").endswith(" (deleted)")
+        return os.readlink(f"/proc/{_kernel_pid(km)}/cwd").endswith(" (deleted)")
     except OSError:
         return False
 
