@@ -450,6 +450,9 @@ class _Stream:
 # ---------------------------------------------------------------------------
 
 
+# A UNIX socket's path must fit sockaddr_un (108 bytes on Linux, 104 on macOS, with the NUL).
+SOCKET_PATH_MAX = 103 if sys.platform == "darwin" else 107
+
 KERNEL_ARGS = [
     # No IPython history: it writes every cell to one SQLite file shared by all kernels (0.8 ms a cell).
     "--HistoryManager.enabled=False",
@@ -465,6 +468,10 @@ def launch_kernel(runtime: Path, env: dict, cwd: str):
     `runtime`'s parent (the server's runtime folder) must exist: a kernel starting while the
     server shuts down must fail, not recreate the folder the server just removed.
     """
+    longest = len(os.fsencode(runtime / "k-99"))
+    if longest > SOCKET_PATH_MAX:
+        raise SessionError(f"the kernel's socket path would be {longest} bytes, over this system's limit of "
+                           f"{SOCKET_PATH_MAX}: start the server with a shorter TMPDIR (now {runtime.parent.parent})")
     runtime.mkdir(mode=0o700, exist_ok=True)
     # IPC sockets and the connection file in the server's private folder: no TCP port, no
     # litter in ~/.local/share/jupyter, and one rmtree cleans everything.
@@ -529,7 +536,7 @@ class Session:
         self.running_cell = None  # the cell being executed now, for the live view
         self._executed: dict[str, object] = {}  # msg_id -> cell, for this kernel's recent executions
         self._late: list = []  # earlier cells that got output since they finished
-        self._runtime = manager.runtime / f"kernel-{session_id}"
+        self._runtime = manager.runtime / session_id
 
     @property
     def path(self) -> Path:
@@ -941,7 +948,7 @@ class SessionManager:
             return  # one is being started already
         try:
             session_id = secrets.token_hex(4)
-            km, kc = launch_kernel(self.runtime / f"kernel-{session_id}", self.env_for(session_id),
+            km, kc = launch_kernel(self.runtime / session_id, self.env_for(session_id),
                                    str(self.notebook_dir))
             with self._lock:
                 if not self._closed.is_set():

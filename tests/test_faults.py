@@ -240,7 +240,7 @@ def test_kernels_use_private_ipc_files_and_take_their_processes_along(nbdir, tmp
     s = m.start_new("procs")
     info = s.km.get_connection_info()
     assert info["transport"] == "ipc" and str(info["ip"]).startswith(str(runtime))
-    assert Path(s.km.connection_file).parent == runtime / f"kernel-{s.id}"
+    assert Path(s.km.connection_file).parent == runtime / s.id
     r = s.execute("import subprocess\np = subprocess.Popen(['sleep', '300'])\np.pid")
     child = int(r.text.split(": ")[1])
     m.shutdown_all()
@@ -478,5 +478,15 @@ def test_a_deleted_notebook_folder_is_made_again_and_new_kernels_work_in_it(nbdi
         assert r.status == "ok" and r.text.strip() == str(nbdir.resolve()), r.text
         assert (nbdir / "written.txt").exists() and saved(s.path).cells[0].outputs
         assert first.execute("1 + 1").status == "ok" and saved(first.path).cells[0].outputs
+    finally:
+        m.shutdown_all()
+
+
+def test_a_runtime_folder_too_deep_for_kernel_sockets_is_a_clear_error(nbdir, tmp_path):
+    m = kernel.SessionManager(nbdir, runtime=tmp_path / ("d" * 120))
+    try:
+        with pytest.raises(kernel.SessionError, match="over this system's limit of 10[37]: start the server with "
+                                                      "a shorter TMPDIR"):
+            m.start_new("deep")
     finally:
         m.shutdown_all()

@@ -65,7 +65,7 @@ def test_claude_codes_stop_sequence_finishes_cleanly_with_eight_sessions(tmp_pat
         out = server.tool("execute_code", session_id=sid, code="import os\nos.getpid()")
         kernels.append(int(out["content"][0]["text"].split("Out[1]: ")[1]))
     runtime = list(tmp.glob("scribe-*"))
-    assert len(runtime) == 1 and (runtime[0] / f"kernel-{sid}" / "connection.json").exists()
+    assert len(runtime) == 1 and (runtime[0] / sid / "connection.json").exists()
     start = time.monotonic()
     server.proc.send_signal(signal.SIGINT)
     time.sleep(0.1)
