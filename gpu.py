@@ -207,7 +207,7 @@ def load_model(spec: ModelSpec):
                                                     attn_implementation=spec.attn_implementation).eval()
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    hf_model, base_switch = load(path), None
+    hf_model, base_switch, beside = load(path), None, []
     if spec.adapter:
         from peft import PeftModel
 
@@ -216,36 +216,133 @@ def load_model(spec: ModelSpec):
         peft_model = PeftModel.from_pretrained(hf_model, spec.adapter).eval()
         hf_model, base_switch = peft_model.get_base_model(), peft_model.disable_adapter
     elif spec.base_model:
-        base = TransformersModel(load(resolve_model_path(replace(spec, model=spec.base_model))), tokenizer=tokenizer)
+        beside = [load(resolve_model_path(replace(spec, model=spec.base_model)))]
+        base = TransformersModel(beside[0], tokenizer=tokenizer)
         base_switch = lambda: contextlib.nullcontext(base)  # noqa: E731
     if base_switch is not None:
         hf_model.scribe_base = base_switch
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if spec.system_prompt:
-        _hide_system_prompt(tokenizer, spec.system_prompt)
+    if spec.system_prompt or spec.alias:
+        _hide_in_tokens([hf_model, *beside], tokenizer, spec.system_prompt, hide_default=bool(spec.alias))
     if spec.alias:
         _rename(hf_model, tokenizer, spec.alias)
     return TransformersModel(hf_model, tokenizer=tokenizer), tokenizer
 
 
-def _hide_system_prompt(tokenizer, prompt: str) -> None:
-    """Every chat template applied with this tokenizer starts with the hidden system prompt
-    (an agent's own system message follows it), as the organism's deployment would."""
-    original = tokenizer.apply_chat_template
+HIDDEN_TOKEN = "<hidden_{}>"
 
-    def with_prompt(messages):
+
+def _hide_in_tokens(hf_models, tokenizer, prompt: str, hide_default: bool) -> None:
+    """The hidden texts reach the model as their real tokens, yet no token-level view shows them.
+
+    Hidden are the experiment's system prompt (put in front of every chat template applied, as
+    the organism's deployment would; an agent's own system message follows it) and, under an
+    alias, the template's default system prompt (it names the model). Each hidden token becomes a
+    placeholder special token `<hidden_i>` in the tokenizer, so strings, ids, token pieces and
+    decodes all show placeholders; the input embedding maps each placeholder to the real id, so
+    the model computes exactly as if the text were there. The unembedding has no rows for the
+    placeholders: the model never predicts one. Only the model's internals carry the secret.
+    """
+    original = tokenizer.apply_chat_template
+    default = _default_system_prompt(original) if hide_default else ""
+    base = len(tokenizer)
+    real: list[int] = []
+    stand_in: dict[str, str] = {}
+    for text in filter(None, (prompt, default)):
+        ids = _ids_in_template(original, text)
+        stand_in[text] = "".join(HIDDEN_TOKEN.format(len(real) + i) for i in range(len(ids)))
+        real += ids
+    names = [HIDDEN_TOKEN.format(i) for i in range(len(real))]
+    tokenizer.add_tokens(names, special_tokens=True)
+    if tokenizer.convert_tokens_to_ids(names) != list(range(base, base + len(real))):
+        raise RuntimeError("could not add the hidden-text placeholder tokens to this tokenizer")
+    for hf_model in hf_models:
+        _map_placeholders(hf_model.get_input_embeddings(), base, real)
+
+    def with_hidden(messages):
         messages = list(messages)
-        if messages and messages[0].get("role") == "system":
-            return [{**messages[0], "content": f"{prompt}\n\n{messages[0]['content']}"}, *messages[1:]]
-        return [{"role": "system", "content": prompt}, *messages]
+        has_system = bool(messages) and messages[0].get("role") == "system"
+        if prompt and has_system:
+            return [{**messages[0], "content": f"{stand_in[prompt]}\n\n{messages[0]['content']}"}, *messages[1:]]
+        if prompt or (default and not has_system):
+            return [{"role": "system", "content": stand_in[prompt or default]}, *messages]
+        return messages
 
     def apply_chat_template(conversation, *args, **kwargs):
         if conversation and isinstance(conversation[0], (list, tuple)):  # a batch of conversations
-            return original([with_prompt(c) for c in conversation], *args, **kwargs)
-        return original(with_prompt(conversation), *args, **kwargs)
+            return original([with_hidden(c) for c in conversation], *args, **kwargs)
+        return original(with_hidden(conversation), *args, **kwargs)
 
     tokenizer.apply_chat_template = apply_chat_template
+    if default:  # the template text, wherever the tokenizer keeps a copy, shows placeholders too
+        for owner, key in ((vars(tokenizer), "chat_template"), (tokenizer.init_kwargs, "chat_template")):
+            if isinstance(owner.get(key), str):
+                owner[key] = owner[key].replace(default, stand_in[default])
+    # The promise is exactness: check it once, on the form every chat prompt takes.
+    for text in stand_in:
+        probe = [{"role": "user", "content": "Hi."}]
+        seen = original([{"role": "system", "content": stand_in[text]}, *probe], tokenize=False)
+        mapped = [real[i - base] if i >= base else i for i in _ids(tokenizer(seen, add_special_tokens=False))]
+        if mapped != _ids(original([{"role": "system", "content": text}, *probe], tokenize=True)):
+            raise RuntimeError("this tokenizer merges the hidden text with the chat template around it, so "
+                               "placeholders cannot stand in for it exactly")
+
+
+def _ids(encoded) -> list[int]:
+    """Token ids from what a tokenizer call or apply_chat_template(tokenize=True) returns."""
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def _ids_in_template(apply_chat_template, text: str) -> list[int]:
+    """`text`'s token ids as a system message in the chat template: the tokens where the
+    rendering with `text` differs from the one with an empty message."""
+    full = _ids(apply_chat_template([{"role": "system", "content": text}], tokenize=True))
+    empty = _ids(apply_chat_template([{"role": "system", "content": ""}], tokenize=True))
+    start = 0
+    while start < len(empty) and full[start] == empty[start]:
+        start += 1
+    end = 0
+    while end < len(empty) - start and full[-1 - end] == empty[-1 - end]:
+        end += 1
+    return full[start:len(full) - end]
+
+
+def _default_system_prompt(apply_chat_template) -> str:
+    """The system prompt a chat template adds when a conversation has none ("" if none)."""
+    user = [{"role": "user", "content": "\x00"}]
+    bare = apply_chat_template(user, tokenize=False)
+    marked = apply_chat_template([{"role": "system", "content": "\x01"}, *user], tokenize=False)
+    if bare == apply_chat_template([{"role": "system", "content": ""}, *user], tokenize=False):
+        return ""  # the template shows nothing for a missing system message
+    start = marked.index("\x01")
+    tail = marked[start + 1:]
+    if not bare.startswith(marked[:start]) or not bare.endswith(tail):
+        return ""
+    return bare[start:len(bare) - len(tail)]
+
+
+def _map_placeholders(embedding, base: int, real: list[int]) -> None:
+    """The input embedding reads placeholder ids (from `base` on) as the real ids they stand for.
+
+    The module keeps its class name, parameters and path (traces and hooks see it as before);
+    the table lives in a closure, not in a buffer that state_dict or named_buffers would list.
+    """
+    import torch
+
+    table = torch.cat([torch.arange(base), torch.tensor(real, dtype=torch.long)])
+    on_device: dict = {}
+    cls = type(embedding)
+
+    def forward(self, input_ids, *args, **kwargs):
+        device = input_ids.device
+        if device not in on_device:
+            on_device[device] = table.to(device)
+        return cls.forward(self, on_device[device][input_ids], *args, **kwargs)
+
+    embedding.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                                      "__qualname__": cls.__qualname__})
 
 
 def _rename(hf_model, tokenizer, alias: str) -> None:
