@@ -117,6 +117,33 @@ def load(path: str | Path) -> Experiment:
         ground_truth=str(evaluation.get("ground_truth") or ""), expect=tuple(expect))
 
 
+def check_inputs(exp: Experiment) -> None:
+    """Everything the experiment loads exists, checked before a server or an agent starts: a
+    missing organism found later would reach the agent as a traceback naming it."""
+    for key, value, marker in (("model", exp.model, "config.json"), ("base_model", exp.base_model, "config.json"),
+                               ("adapter", exp.adapter, "adapter_config.json")):
+        path = Path(value).expanduser()
+        if not value or (path.suffix == ".gguf" and path.is_file()) or (path / marker).is_file():
+            continue
+        if path.is_dir() or path.suffix == ".gguf":
+            raise ExperimentError(f"{exp.path.name}: {key}: {value} has no {marker}")
+        if not _on_hub(value, marker):
+            raise ExperimentError(f"{exp.path.name}: {key}: {value!r} is neither a folder (relative to the experiment "
+                                  "file) nor a model hub id that is downloaded or reachable: build or download it first")
+
+
+def _on_hub(repo: str, marker: str) -> bool:
+    """Whether `repo` is a hub id whose `marker` file is in the local cache or can be fetched now."""
+    from huggingface_hub import file_exists, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo, marker), str):
+            return True
+        return not os.environ.get("HF_HUB_OFFLINE") and file_exists(repo, marker)
+    except Exception:  # not a valid id, no network, no such repository: all mean "not there"
+        return False
+
+
 def _local(base: Path, value: str | None) -> str:
     """A path relative to the experiment file if it exists there, else the value as given (a hub id)."""
     if not value:
@@ -198,6 +225,7 @@ def run_agent(agent: str, exp: Experiment, notebook_dir: Path, headless: bool, s
         raise ExperimentError(f"unknown agent {agent!r}: use {', '.join(AGENTS)}")
     if shutil.which(agent) is None:
         raise ExperimentError(f"the {agent} CLI is not installed (or not on PATH): install it with `{AGENTS[agent]}`")
+    check_inputs(exp)
     notebook_dir.mkdir(parents=True, exist_ok=True)
     text = prompt(exp)
     private = Path(tempfile.mkdtemp(prefix="scribe-agent-"))  # 0700: the config is the user's alone

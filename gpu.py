@@ -1096,9 +1096,14 @@ class WorkerSupervisor:
             if self._closed:
                 return
             if not served:  # never came up: say why to whoever waits, and do not loop
+                detail = (f"the model worker failed to start (exit code {proc.returncode}):\n"
+                          + _log_tail(self.socket_path + ".log", log_start))
+                if self.spec.alias or self.spec.system_prompt:  # the agent reads this; the detail names secrets
+                    print(f"[scribe] {detail}", file=sys.stderr, flush=True)
+                    detail = (f"the model worker failed to start (exit code {proc.returncode}); this experiment "
+                              "hides the details from the notebook: the server's log has them")
                 with open(self.socket_path + ".error", "w") as f:
-                    f.write(f"the model worker failed to start (exit code {proc.returncode}):\n"
-                            + _log_tail(self.socket_path + ".log", log_start))
+                    f.write(detail)
                 return
         print(f"[scribe] model worker exited ({proc.returncode}); starting a fresh one", file=sys.stderr, flush=True)
         self.ensure()

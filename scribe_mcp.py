@@ -213,6 +213,7 @@ class Scribe:
             import experiment
 
             exp = experiment.load(args.experiment)
+            experiment.check_inputs(exp)
             self.spec = replace(self.spec, model=exp.model, adapter=exp.adapter, base_model=exp.base_model,
                                 system_prompt=exp.hidden_system_prompt, alias=exp.alias)
             self.offered = exp.techniques
@@ -872,16 +873,17 @@ def _http_protocol():
 
 
 @contextlib.asynccontextmanager
-async def connect(*args: str, env: dict | None = None):
+async def connect(*args: str, env: dict | None = None, errlog=None):
     """Spawn `python scribe_mcp.py *args` over stdio; yield an initialized MCP ClientSession.
 
-    For scripts driving Scribe the way an agent does (the tests and bench/ use it).
+    For scripts driving Scribe the way an agent does (the tests and bench/ use it); the
+    server's log goes to `errlog` (default: this process's stderr).
     """
     from mcp import ClientSession
     from mcp.client.stdio import StdioServerParameters, stdio_client
 
     params = StdioServerParameters(command=sys.executable, args=[str(HERE / "scribe_mcp.py"), *args], env=env)
-    async with stdio_client(params) as (read, write):
+    async with stdio_client(params, errlog=errlog or sys.stderr) as (read, write):
         async with ClientSession(read, write) as session:
             await session.initialize()
             yield session
@@ -957,7 +959,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.view:
         import view
 
-        url, _ = view.serve(scribe.sessions, args.view_host, args.view_port, os.environ.get("SCRIBE_VIEW_TOKEN"))
+        try:
+            url, _ = view.serve(scribe.sessions, args.view_host, args.view_port, os.environ.get("SCRIBE_VIEW_TOKEN"))
+        except view.ViewError as exc:
+            print(f"scribe: {exc}", file=sys.stderr, flush=True)
+            scribe.close()
+            os._exit(2)
         print(f"[scribe] live view: {url}", file=sys.stderr, flush=True)
     try:
         mcp = build_server(scribe)

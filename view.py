@@ -6,7 +6,8 @@ One poller watches the live sessions (4 times a second) and renders each cell to
 change: markdown with markdown-it (raw HTML off), code with Pygments, text, images, errors; HTML
 outputs from cells show as their text. Every viewer gets the same pushed updates over
 Server-Sent Events, so a hundred viewers cost what one does. The page has no external
-resources (it works offline) and runs no code from notebooks. Only live sessions' notebooks
+resources (it works offline) and runs no code from notebooks: names and outputs are inserted as
+text or escaped HTML, and a Content-Security-Policy lets the page run its own /app.js only. Only live sessions' notebooks
 are shown, so never a file outside the notebook directory.
 """
 
@@ -127,9 +128,11 @@ class LiveView:
             return
         if scope["method"] != "GET":
             return await _respond(send, 405, b"read-only\n")
+        path = scope["path"]
+        if path == "/app.js":  # the page's code: no data in it, and the only script the page may run
+            return await _respond(send, 200, SCRIPT.encode(), b"text/javascript; charset=utf-8")
         if not self.authorized(scope):
             return await _respond(send, 401, b"missing or wrong token: open the URL printed at start-up\n")
-        path = scope["path"]
         if path == "/":
             return await _respond(send, 200, PAGE.encode(), b"text/html; charset=utf-8")
         if path == "/events":
@@ -138,7 +141,10 @@ class LiveView:
         session = self.sessions.sessions.get(match[1]) if match else None
         if session is None:
             return await _respond(send, 404, b"no such live session\n")
-        return await _respond(send, 200, session.path.read_bytes(), b"application/x-ipynb+json")
+        try:
+            return await _respond(send, 200, session.path.read_bytes(), b"application/x-ipynb+json")
+        except OSError:
+            return await _respond(send, 404, b"this session's notebook file is gone from disk (deleted or moved)\n")
 
     async def events(self, send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
@@ -156,20 +162,45 @@ class LiveView:
             await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
 
 
+# Notebooks hold what the agent wrote: names, outputs and markdown are escaped when rendered, and
+# should anything slip through, the browser still runs no script but /app.js and no eval.
+CSP = (b"default-src 'none'; script-src 'self'; connect-src 'self'; img-src data:; style-src 'unsafe-inline'; "
+       b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
 async def _respond(send, status: int, body: bytes, kind: bytes = b"text/plain") -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", kind)]})
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", kind), (b"content-security-policy", CSP), (b"x-content-type-options", b"nosniff")]})
     await send({"type": "http.response.body", "body": body})
 
 
+class ViewError(RuntimeError):
+    """The view cannot serve where it was asked to (e.g. its port is taken)."""
+
+
 def serve(sessions: SessionManager, host: str, port: int, token: str | None = None) -> tuple[str, threading.Thread]:
-    """Start the view in a background thread; returns its URL (with the token) and the thread."""
+    """Start the view in a background thread; returns its URL (with the token) and the thread.
+
+    The port is bound here, before anything is printed: a port another process holds is an
+    error, never a URL with the token that points at someone else's server."""
+    import socket
+
     import uvicorn
 
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ViewError(f"the live view cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                        "choose another with --view-port") from None
     token = token or secrets.token_urlsafe(16)
     view = LiveView(sessions, token)
-    server = uvicorn.Server(uvicorn.Config(view, host=host, port=port, log_level="critical", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(view, log_level="critical", lifespan="on"))
     server.install_signal_handlers = lambda: None  # the MCP server owns the signals
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started and time.monotonic() < deadline:
@@ -198,7 +229,10 @@ img{max-width:100%}
 </style></head><body>
 <header><b>Scribe</b> — live notebooks (read-only) <span id="status">connecting…</span></header>
 <nav id="tabs"></nav><main id="notebook"><p>No live session yet.</p></main>
-<script>
+<script src="/app.js"></script></body></html>
+"""
+
+SCRIPT = """\
 const token = new URLSearchParams(location.search).get("token");
 const html = {}; let state = {sessions: []}; let current = null;
 function draw() {
@@ -209,14 +243,19 @@ function draw() {
   }
   const s = state.sessions.find(x => x.id === current) || state.sessions[state.sessions.length - 1];
   const main = document.getElementById("notebook");
-  if (!s) { main.innerHTML = "<p>No live session yet.</p>"; return; }
+  main.textContent = "";
+  const p = document.createElement("p"); main.appendChild(p);
+  if (!s) { p.textContent = "No live session yet."; return; }
   current = s.id;
-  const link = `<p><a href="/notebook/${s.id}.ipynb?token=${encodeURIComponent(token)}">${s.name}</a></p>`;
-  main.innerHTML = link + s.cells.map(k => html[k] || "").join("");
+  // Names come from the file system (an agent can choose them): text only, never markup.
+  const a = document.createElement("a"); a.textContent = s.name;
+  a.href = `/notebook/${encodeURIComponent(s.id)}.ipynb?token=${encodeURIComponent(token)}`; p.appendChild(a);
+  // Cells are rendered on the server with everything from the notebook escaped.
+  const cells = document.createElement("div"); cells.innerHTML = s.cells.map(k => html[k] || "").join("");
+  main.appendChild(cells);
 }
 const events = new EventSource(`/events?token=${encodeURIComponent(token)}`);
 events.onopen = () => document.getElementById("status").textContent = "· live";
 events.onerror = () => document.getElementById("status").textContent = "· reconnecting…";
 events.onmessage = e => { const m = JSON.parse(e.data); Object.assign(html, m.html); state = m; draw(); };
-</script></body></html>
 """

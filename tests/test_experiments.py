@@ -400,3 +400,39 @@ def test_the_hidden_prompt_computes_exactly_as_plain_text_but_shows_only_placeho
     assert (got - want).abs().max().item() <= 1e-4
     # The placeholders are never predicted: the unembedding has no rows for them.
     assert got.shape[0] == alias.model.config.vocab_size < len(alias.tokenizer)
+
+
+def test_a_missing_organism_stops_the_server_and_the_launcher_at_start(tmp_path):
+    path = write(tmp_path, "missing", adapter="organisms/not-built-yet", alias="model_0")
+    for argv in (["--experiment", str(path)], ["agent", "claude", str(path), "--headless"]):
+        run = subprocess.run([sys.executable, SERVER, *argv], env=standin_env(tmp_path), capture_output=True,
+                             text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.strip().splitlines() == [
+            "scribe: missing.yaml: adapter: 'organisms/not-built-yet' is neither a folder (relative to the "
+            "experiment file) nor a model hub id that is downloaded or reachable: build or download it first"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(experiment.ExperimentError, match="adapter: .*empty has no adapter_config.json"):
+        experiment.check_inputs(experiment.load(write(tmp_path, "bare", adapter="empty")))
+
+
+def test_a_worker_that_cannot_load_the_organism_tells_the_agent_nothing_it_hides(tmp_path):
+    broken = tmp_path / "planted-turquoise-organism"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"peft_type": "LORA"}')  # passes the check, fails to load
+    path = write(tmp_path, "broken", adapter=str(broken), alias="model_3", hidden_system_prompt=SECRET_PROMPT)
+    log = tmp_path / "server.log"
+
+    async def scenario():
+        with open(log, "w") as errlog:
+            async with connect("--experiment", str(path), "--notebook-dir", str(tmp_path / "nb"), env=server_env(),
+                               errlog=errlog) as s:
+                sid = (await call(s, "start_new_session")).structured_content["session_id"]
+                init = text(await call(s, "init_session"))
+                await call(s, "execute_code", session_id=sid, code=init.split("```python\n")[1].split("```")[0])
+                return text(await call(s, "execute_code", session_id=sid, code="client.run(lambda m, t: 1)"))
+
+    out = anyio.run(scenario)
+    assert out.startswith("error:") and "hides the details" in out, out
+    assert leaks(out, "planted-turquoise", str(tmp_path)) == [], out
+    assert "planted-turquoise-organism" in log.read_text()  # the detail is in the server's log only

@@ -41,7 +41,8 @@ def test_the_live_view_shows_cells_as_the_agent_writes_them(tmp_path):
             assert fetch(f"{base}/?token=wrong") == 401 and fetch(f"{base}/?token={TOKEN}", "POST") == 405
             assert fetch(f"{base}/notebook/deadbeef.ipynb?token={TOKEN}") == 404
             browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = await browser.new_page(viewport={"width": 1100, "height": 900})
+            # Playwright evaluates its wait conditions with eval, which the page's policy forbids.
+            page = await browser.new_page(viewport={"width": 1100, "height": 900}, bypass_csp=True)
             await page.goto(f"{base}/?token={TOKEN}")
             sid = (await call(s, "start_new_session", experiment_name="watched")).structured_content["session_id"]
             steps = [
@@ -140,3 +141,90 @@ def test_many_viewers_do_not_slow_the_agent(tmp_path):
     alone, watched, reached = anyio.run(scenario)
     assert reached == 50
     assert watched < 2 * alone + 0.01, (alone, watched)
+
+
+HOSTILE = '<img src=x onerror="document.body.dataset.pwned=1">'
+
+
+def test_the_view_runs_no_script_from_names_markdown_or_outputs(tmp_path):
+    """An agent controls notebook names, markdown and outputs: in Chromium none of it runs as script,
+    and all of it shows as text. The page's policy forbids inline script and eval."""
+    from playwright.async_api import async_playwright
+
+    assert shutil.which("chromium"), "Chromium is not installed: run ./setup.sh --test"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**server_env(), "SCRIBE_VIEW_TOKEN": TOKEN}
+    cells = [
+        f"import nbformat\nnbformat.write(nbformat.v4.new_notebook(), {HOSTILE + '.ipynb'!r})",
+        f"print({HOSTILE!r})",
+        f"from IPython.display import HTML, display\ndisplay(HTML({HOSTILE!r}))",
+        f"raise ValueError({HOSTILE!r})",
+    ]
+    markdown = f"{HOSTILE}\n\n<script>document.body.dataset.pwned=2</script>\n\n[link](javascript:document.body.dataset.pwned=3)"
+
+    async def scenario():
+        async with connect("--notebook-dir", str(tmp_path / "nb"), "--no-preload", "--view", "--view-port",
+                           str(port), env=env) as s, async_playwright() as p:
+            sid = (await call(s, "start_new_session")).structured_content["session_id"]
+            for code in cells:
+                await s.call_tool("execute_code", {"session_id": sid, "code": code})
+            await call(s, "add_markdown", session_id=sid, content=markdown)
+            resumed = await s.call_tool("start_session_resume_notebook", {"notebook_path": HOSTILE + ".ipynb"})
+            assert not resumed.is_error, resumed.content[0].text
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = await browser.new_page()
+            response = await page.goto(f"{base}/?token={TOKEN}")
+            policy = response.headers.get("content-security-policy", "")
+            await page.locator("nav button").nth(1).wait_for()
+            for tab in (1, 0):  # the session of the hostile name, then the one with the hostile cells
+                await page.locator("nav button").nth(tab).click()
+                await page.locator("#notebook a").wait_for()
+                await page.wait_for_timeout(300)  # let an injected image fail to load, were there one
+                seen = await page.evaluate("({pwned: document.body.dataset.pwned || null, "
+                                           "imgs: document.querySelectorAll('#notebook img').length, "
+                                           "text: document.body.innerText})")
+                assert seen["pwned"] is None and seen["imgs"] == 0, seen
+                assert HOSTILE in seen["text"], seen["text"][:2000]
+            await browser.close()
+            return policy
+
+    policy = anyio.run(scenario)
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy.split("style-src")[0]
+    assert "unsafe-eval" not in policy
+
+
+def test_a_taken_view_port_stops_the_server_and_a_deleted_notebook_is_a_404(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, str(ROOT / "scribe_mcp.py"), "--no-preload", "--view", "--view-port",
+                              str(port), "--notebook-dir", str(tmp_path / "nb")], env=server_env(),
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        f"scribe: the live view cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "choose another with --view-port"], run.stderr
+
+    port = free_port()
+
+    async def scenario():
+        async with connect("--notebook-dir", str(tmp_path / "nb"), "--no-preload", "--view", "--view-port",
+                           str(port), env={**server_env(), "SCRIBE_VIEW_TOKEN": TOKEN}) as s:
+            info = (await call(s, "start_new_session")).structured_content
+            url = f"http://127.0.0.1:{port}/notebook/{info['session_id']}.ipynb?token={TOKEN}"
+            before = fetch(url)
+            __import__("os").remove(info["notebook_path"])
+            try:
+                urllib.request.urlopen(url, timeout=5)
+            except urllib.error.HTTPError as exc:
+                return before, exc.code, exc.read().decode()
+
+    before, status, body = anyio.run(scenario)
+    assert before == 200 and status == 404 and "gone from disk" in body
