@@ -45,9 +45,13 @@ INTERRUPT_GRACE = 5.0
 # view and progress) this often.
 SAVE_EVERY = 2.0
 MERGE_EVERY = 0.5
-# After the kernel's execute_reply, how long to wait for the trailing `idle` status (it can be
-# lost when IOPub overflows) before the cell counts as finished.
+# After the kernel's execute_reply, how long to wait for the trailing `idle` status before
+# sending a probe (kernel_info) whose own status, coming after all of this cell's output on the
+# same channel, proves that nothing more is on the way; and how long to wait for the probe.
 IDLE_AFTER_REPLY = 0.5
+PROBE_WAIT = 30.0
+LOST_OUTPUT = ("the kernel's output channel lost messages of this cell (its final status never came): "
+               "the output shown and saved may be incomplete")
 # Images larger than this are not decoded for the agent (a 20000x20000 PNG is 1.6 GB of pixels).
 IMAGE_PIXELS_MAX = 40_000_000
 # Images returned with one cell: Claude Code counts each as ~1,600 tokens against its 25k-token
@@ -462,6 +466,26 @@ KERNEL_ARGS = [
 ]
 
 
+# ipykernel's launcher, except that the kernel's IOPub socket never drops a message: its send
+# high-water mark (1000 messages) would discard output whenever this reader falls behind a
+# flood on a busy machine. The notebook folder (the kernel's cwd) is not put on sys.path
+# until IPython's own start-up, as with ipykernel_launcher.
+KERNEL_LAUNCHER = """\
+import sys
+if sys.path and sys.path[0] in ("", "."):
+    del sys.path[0]
+import zmq
+from ipykernel import kernelapp
+_bind = kernelapp.IPKernelApp._bind_socket
+def _bind_without_drops(self, sock, port):
+    if sock.socket_type == zmq.XPUB:
+        sock.sndhwm = 0
+    return _bind(self, sock, port)
+kernelapp.IPKernelApp._bind_socket = _bind_without_drops
+kernelapp.launch_new_instance()
+"""
+
+
 def launch_kernel(runtime: Path, env: dict, cwd: str):
     """Start an ipykernel; returns (KernelManager, client) once it answers.
 
@@ -476,6 +500,7 @@ def launch_kernel(runtime: Path, env: dict, cwd: str):
     # IPC sockets and the connection file in the server's private folder: no TCP port, no
     # litter in ~/.local/share/jupyter, and one rmtree cleans everything.
     km = KernelManager(transport="ipc", ip=str(runtime / "k"), connection_file=str(runtime / "connection.json"))
+    km.kernel_spec.argv = [sys.executable, "-c", KERNEL_LAUNCHER, "-f", "{connection_file}"]
     km.start_kernel(cwd=cwd, env=env, extra_arguments=KERNEL_ARGS)
     kc = km.client()
     # Never drop IOPub messages: the kernel's high-water mark would discard output (and the
@@ -756,12 +781,14 @@ class Session:
     def _collect(self, cell, msg_id: str, timeout: float, on_output) -> tuple[str, str]:
         """Read the kernel's messages for one execution into the cell until it has finished.
 
-        Finished means the `idle` status for this execution, or its execute_reply followed by a
-        short quiet spell (an `idle` lost to an overflowing IOPub must not hang the cell).
+        Finished means the `idle` status for this execution. Output can trail the execute_reply
+        (another socket) by seconds on a busy machine, so a quiet spell after the reply is no
+        proof: then a probe request goes to the kernel, and its status on IOPub, which follows
+        everything the cell sent, ends the wait; the cell then says its output may be incomplete.
         """
         deadline = time.monotonic() + timeout
         last_save = last_merge = time.monotonic()
-        interrupted_at = replied_at = reply = None
+        interrupted_at = replied_at = reply = probe = probed_at = None
         streams: dict[int, _Stream] = {}  # output index → stream being written
 
         def flush() -> None:
@@ -790,12 +817,16 @@ class Session:
                 except Empty:
                     if replied_at is None and (reply := self._replied(msg_id, cell)) is not None:
                         replied_at = time.monotonic()
-                    elif replied_at is not None and now - replied_at > IDLE_AFTER_REPLY:
-                        break
+                    elif probe is None and replied_at is not None and now - replied_at > IDLE_AFTER_REPLY:
+                        probe, probed_at = self.kc.kernel_info(), now
+                    elif probe is not None and now - probed_at > PROBE_WAIT:
+                        return self._lost(cell, flush)
                     elif not self.km.is_alive():
                         return self._died(cell, flush)
                     continue
                 if msg["parent_header"].get("msg_id") != msg_id:
+                    if probe is not None and msg["parent_header"].get("msg_id") == probe:
+                        return self._lost(cell, flush)
                     self._late_output(msg)
                     continue
                 kind, content = msg["msg_type"], msg["content"]
@@ -849,6 +880,11 @@ class Session:
             cell.outputs.append(_node(output_type="stream", name=name, text=text))
         if not any(c is cell for c in self._late):
             self._late.append(cell)
+
+    def _lost(self, cell, flush) -> tuple[str, str]:
+        flush()
+        cell.outputs.append(_node(output_type="stream", name="stderr", text=f"[scribe] {LOST_OUTPUT}\n"))
+        return "ok", ""
 
     def _died(self, cell, flush) -> tuple[str, str]:
         flush()
