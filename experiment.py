@@ -71,9 +71,11 @@ def load(path: str | Path) -> Experiment:
 
     path = Path(path).expanduser().resolve()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ExperimentError(f"cannot read experiment file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ExperimentError(f"{path.name} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ExperimentError(f"{path.name} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -93,12 +95,16 @@ def load(path: str | Path) -> Experiment:
             raise ExperimentError(f"{path.name}: give hidden_system_prompt or hidden_system_prompt_file, not both")
         prompt_path = path.parent / data["hidden_system_prompt_file"]
         try:
-            prompt = prompt_path.read_text().strip()
+            prompt = prompt_path.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ExperimentError(f"{path.name}: hidden_system_prompt_file {prompt_path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ExperimentError(f"{path.name}: hidden_system_prompt_file {prompt_path} is not UTF-8 text") from None
     techniques = data.get("techniques") or []
     known = _technique_names()
     for name in techniques:
+        if not isinstance(name, str):
+            raise ExperimentError(f"{path.name}: techniques: each entry must be a technique name, got {name!r}")
         if name not in known:
             raise ExperimentError(f"{path.name}: techniques: unknown technique {name!r}; known: {', '.join(sorted(known))}")
     evaluation = data.get("evaluation") or {}

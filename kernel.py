@@ -365,14 +365,19 @@ def first_line(source: str, width: int) -> str:
     return next((line for line in source.splitlines() if line.strip()), "")[:width]
 
 
-def outline(nb) -> list[dict]:
-    """Each cell as index, type, first line, status and output size."""
-    rows = []
-    for index, cell in enumerate(nb.cells):
+def outline(nb, start: int = 0, stop: int | None = None, max_chars: int = sys.maxsize) -> list[dict]:
+    """Cells start..stop as index, type, first line, status and output size; at least one row,
+    and no more than fit in max_chars as JSON (a page of a long notebook)."""
+    rows, size = [], 0
+    for index in range(start, min(len(nb.cells), sys.maxsize if stop is None else stop)):
+        cell = nb.cells[index]
         row = {"index": index, "type": cell.cell_type, "first_line": first_line(cell.source, 100),
                "status": cell_status(cell)}
         if cell.cell_type == "code":
             row["output_chars"] = len(render(cell.get("outputs", []), sys.maxsize, None)[0])
+        size += len(json.dumps(row)) + 2
+        if rows and size > max_chars:
+            break
         rows.append(row)
     return rows
 

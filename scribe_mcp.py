@@ -424,6 +424,8 @@ class CellRow(TypedDict, total=False):
 class Outline(TypedDict):
     notebook_path: str
     cells: list[CellRow]
+    total_cells: int
+    next_offset: int | None
 
 
 class CellSlice(TypedDict):
@@ -431,6 +433,8 @@ class CellSlice(TypedDict):
     type: str
     status: str
     source: str
+    source_chars: int
+    source_more: bool
     output: str
     output_offset: int
     output_chars: int
@@ -442,7 +446,7 @@ def _session_info(session: kernel.Session) -> SessionInfo:
 
 
 SessionId = Annotated[str, Field(description="the id start_new_session (or resume/continue) returned")]
-CellIndex = Annotated[int, Field(description="the cell's position in the notebook, counting markdown cells "
+CellIndex = Annotated[int, Field(strict=True, description="the cell's position in the notebook, counting markdown cells "
                                              "(as shown in every result); negative values count from the end")]
 READ_ONLY = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False)
 EDITS = ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=False)
@@ -531,7 +535,7 @@ def build_server(scribe: Scribe) -> MCPServer:
         session_id: SessionId,
         code: Annotated[str, Field(description="the cell's new Python source")],
         ctx: Context,
-        cell_index: Annotated[int, Field(description="the cell's position in the notebook (as every result shows "
+        cell_index: Annotated[int, Field(strict=True, description="the cell's position in the notebook (as every result shows "
                                                      "it); negative values count code cells from the end, and "
                                                      "-1, the default, is the last code cell")] = -1,
     ) -> CallToolResult:
@@ -583,23 +587,31 @@ def build_server(scribe: Scribe) -> MCPServer:
     async def notebook_outline(
         session_id: Annotated[str | None, Field(description="a live session (or pass notebook_path)")] = None,
         notebook_path: Annotated[str | None, Field(description="a notebook inside the notebook directory")] = None,
+        offset: Annotated[int, Field(strict=True, description="the first cell to list", ge=0)] = 0,
+        limit: Annotated[int, Field(strict=True, description="at most this many cells", ge=1)] = 100,
     ) -> Outline:
-        """List a notebook's cells: index (position), type, first line, status (ok / error / not run / markdown) and output size in characters. Use read_cell to see one cell in full."""
+        """List a notebook's cells: index (position), type, first line, status (ok / error / not run / markdown) and output size in characters. A long notebook comes in pages: next_offset (when not null) is the offset of the next page. Use read_cell to see one cell in full."""
         path, nb = await _blocking(find_notebook, session_id, notebook_path)
-        return {"notebook_path": str(path), "cells": kernel.outline(nb)}
+        rows = await _blocking(kernel.outline, nb, offset, offset + limit, sessions.output_limit)
+        following = offset + len(rows)
+        return {"notebook_path": str(path), "cells": rows, "total_cells": len(nb.cells),
+                "next_offset": following if following < len(nb.cells) else None}
 
     @mcp.tool(annotations=READ_ONLY, structured_output=True)
     async def read_cell(
         cell_index: CellIndex,
         session_id: Annotated[str | None, Field(description="a live session (or pass notebook_path)")] = None,
         notebook_path: Annotated[str | None, Field(description="a notebook inside the notebook directory")] = None,
-        offset: Annotated[int, Field(description="first character of the output to return", ge=0)] = 0,
-        limit: Annotated[int, Field(description="how many characters of output to return", ge=1,
-                                    le=RESULT_CHARS_MAX)] = 8000,
-        image: Annotated[int | None, Field(description="also return image N of the cell's output, numbered as "
-                                                       "`[image N]` in the output text", ge=1)] = None,
+        offset: Annotated[int, Field(strict=True, description="first character of the output to return", ge=0)] = 0,
+        limit: Annotated[int, Field(strict=True, description="how many characters of output (and of source) to "
+                                                             "return", ge=1, le=RESULT_CHARS_MAX)] = 8000,
+        image: Annotated[int | None, Field(strict=True, description="also return image N of the cell's output, "
+                                                                    "numbered as `[image N]` in the output text",
+                                           ge=1)] = None,
+        source_offset: Annotated[int, Field(strict=True, description="first character of the source to return "
+                                                                     "(for a source longer than limit)", ge=0)] = 0,
     ) -> CellSlice:
-        """Read one cell's full source and a slice of its output text (offset/limit), e.g. the part a long result cut; with `image`, one of its images too (e.g. one a result did not show). `more` says whether output continues past this slice."""
+        """Read one cell's source and a slice of its output text (offset/limit), e.g. the part a long result cut; with `image`, one of its images too (e.g. one a result did not show). `more` says whether output continues past this slice; `source_more` whether the source does (read on with source_offset)."""
         def read():  # no session lock: reading must not wait for a running cell
             position, cell, text = kernel.read_cell(find_notebook(session_id, notebook_path)[1], cell_index)
             shown = None if image is None else kernel.cell_image(cell, image, sessions.image_max)
@@ -608,8 +620,10 @@ def build_server(scribe: Scribe) -> MCPServer:
         position, cell, text, shown = await _blocking(read)
         part = text[offset:offset + limit]
         found: CellSlice = {"cell_index": position, "type": cell.cell_type, "status": kernel.cell_status(cell),
-                            "source": cell.source, "output": part, "output_offset": offset,
-                            "output_chars": len(text), "more": offset + limit < len(text)}
+                            "source": cell.source[source_offset:source_offset + limit],
+                            "source_chars": len(cell.source),
+                            "source_more": source_offset + limit < len(cell.source), "output": part,
+                            "output_offset": offset, "output_chars": len(text), "more": offset + limit < len(text)}
         if shown is None:
             return found
         return CallToolResult(content=[TextContent(text=json.dumps(found)), _image(*shown)],
@@ -618,7 +632,7 @@ def build_server(scribe: Scribe) -> MCPServer:
     @mcp.tool(annotations=RUNS)
     async def insert_cell(
         session_id: SessionId,
-        cell_index: Annotated[int, Field(description="the position the new cell takes (0 = top; the cells from "
+        cell_index: Annotated[int, Field(strict=True, description="the position the new cell takes (0 = top; the cells from "
                                                      "there on move down one)")],
         content: Annotated[str, Field(description="Python source (code) or markdown text")],
         ctx: Context,
@@ -651,7 +665,7 @@ def build_server(scribe: Scribe) -> MCPServer:
 
     @mcp.tool(annotations=EDITS, structured_output=True)
     async def move_cell(session_id: SessionId, cell_index: CellIndex,
-                        to_index: Annotated[int, Field(description="the position the cell ends up at")]) -> CellRef:
+                        to_index: Annotated[int, Field(strict=True, description="the position the cell ends up at")]) -> CellRef:
         """Move a cell to another position (nothing is re-run). Returns its new cell_index."""
         session = _session(sessions, session_id)
         return {"session_id": session_id, "cell_index": await _blocking(session.move_cell, cell_index, to_index)}
@@ -719,19 +733,48 @@ def claim_stdio() -> tuple[int, int] | None:
 
 
 class _WireIn:
-    """Requests as the SDK's stdio transport iterates them, read on the event loop itself."""
+    """Requests as the SDK's stdio transport iterates them, read on the event loop itself.
 
-    def __init__(self, reader: asyncio.StreamReader):
-        self.reader = reader
+    A request that is not valid Unicode (a lone UTF-16 surrogate such as "\\ud800" in a string)
+    would be dropped by the SDK without an answer or a log line: it is answered here instead."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
 
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> str:
-        line = await self.reader.readline()
-        if not line:
-            raise StopAsyncIteration
-        return line.decode("utf-8", "replace")
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise StopAsyncIteration
+            text = line.decode("utf-8", "replace")
+            refusal = _lone_surrogate_refusal(text) if b"\\u" in line and b"\\ud" in line.lower() else None
+            if refusal is None:
+                return text
+            self.writer.write(refusal)
+            await self.writer.drain()
+
+
+def _lone_surrogate_refusal(text: str) -> bytes | None:
+    """The JSON-RPC error for a request holding a lone surrogate, or None if it holds none."""
+    try:
+        request = json.loads(text)
+        json.dumps(request, ensure_ascii=False).encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    except ValueError:
+        return None  # not JSON at all: the SDK answers that itself
+    message = ("the request contains a lone UTF-16 surrogate escape (e.g. \\ud800 without its pair), which is not "
+               "valid Unicode: remove it or send the character it was meant to be")
+    print(f"[scribe] refused a request: {message}", file=sys.stderr, flush=True)
+    request_id = request.get("id") if isinstance(request, dict) else None
+    if request_id is None:
+        return b""  # a notification gets no answer
+    return json.dumps({"jsonrpc": "2.0", "id": request_id,
+                       "error": {"code": -32602, "message": f"Invalid params: {message}"}}).encode() + b"\n"
 
 
 class _WireOut:
@@ -759,7 +802,7 @@ async def serve_stdio(mcp: MCPServer, wire: tuple[int, int] | None) -> None:
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, os.fdopen(wire[1], "wb", 0))
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
     server = mcp._lowlevel_server  # MCPServer.run_stdio_async without the thread-backed files
-    async with stdio_server(_WireIn(reader), _WireOut(writer)) as (read_stream, write_stream):
+    async with stdio_server(_WireIn(reader, writer), _WireOut(writer)) as (read_stream, write_stream):
         await server.run(read_stream, write_stream, server.create_initialization_options())
 
 

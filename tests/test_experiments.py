@@ -62,10 +62,23 @@ def leaks(text_: str, *extra: str) -> list[str]:
     ({"evaluation": {"answer": 1}}, "evaluation: unknown key 'answer'"),
     ({"hidden_system_prompt": "a", "hidden_system_prompt_file": "b.txt"}, "not both"),
     ({"hidden_system_prompt_file": "missing.txt"}, "hidden_system_prompt_file"),
+    ({"techniques": [["get_model_info"]]}, "techniques: each entry must be a technique name"),
 ])
 def test_bad_experiment_files_name_the_key(tmp_path, fields, message):
     with pytest.raises(experiment.ExperimentError, match=message):
         experiment.load(write(tmp_path, "bad", **fields))
+
+
+def test_bad_files_get_one_line_from_the_server_and_the_prompt_command(tmp_path):
+    nested = write(tmp_path, "nested", techniques=[["get_model_info"]])
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\ntask: x\n".encode("latin-1"))
+    for path, message in ((nested, "techniques: each entry must be a technique name"), (latin, "is not UTF-8 text")):
+        for argv in (["prompt", str(path)], ["--experiment", str(path)]):
+            run = subprocess.run([sys.executable, SERVER, *argv], capture_output=True, text=True, timeout=60,
+                                 stdin=subprocess.DEVNULL)
+            assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+            assert message in run.stderr and run.stderr.startswith(f"scribe: {path.name}")
 
 
 def test_the_shipped_examples_load():

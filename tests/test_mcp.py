@@ -539,3 +539,77 @@ def test_a_cell_with_twelve_plots_returns_eight_and_read_cell_shows_the_rest(tmp
             assert wrong.is_error and "this cell has 12 image(s); choose 1 to 12" in text(wrong)
 
     anyio.run(scenario)
+
+
+def test_long_notebooks_and_long_sources_come_in_pages_and_booleans_are_not_indices(tmp_path):
+    """A 2,000-cell notebook's outline and a 300 KB cell source stay under the output limit, with the
+    way on; True is not cell 1 for any integer parameter."""
+    nbdir = tmp_path / "nb"
+    nbdir.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"value_{i} = {i}  # " + "comment " * 20) for i in range(2000)]
+    nb.cells[5].source = "x = 1\n" * 50_000
+    nbformat.write(nb, nbdir / "long.ipynb")
+
+    async def scenario():
+        async with scribe(nbdir, "--no-preload") as s:
+            seen, offset, sizes = [], 0, []
+            while offset is not None:
+                page = await call(s, "notebook_outline", notebook_path="long.ipynb", offset=offset)
+                sizes.append(len(as_claude_sees(page)))
+                seen += [row["index"] for row in page.structured_content["cells"]]
+                assert page.structured_content["total_cells"] == 2000
+                offset = page.structured_content["next_offset"]
+            small = (await call(s, "notebook_outline", notebook_path="long.ipynb", offset=10, limit=3)).structured_content
+            cell = (await call(s, "read_cell", notebook_path="long.ipynb", cell_index=5, limit=100)).structured_content
+            rest = (await call(s, "read_cell", notebook_path="long.ipynb", cell_index=5, limit=100,
+                               source_offset=299_950)).structured_content
+            sid = (await call(s, "start_new_session")).structured_content["session_id"]
+            await call(s, "add_markdown", session_id=sid, content="a")
+            await call(s, "add_markdown", session_id=sid, content="b")
+            refused = {}
+            for tool, args in (("delete_cell", {"cell_index": True}), ("move_cell", {"cell_index": 0, "to_index": True}),
+                               ("read_cell", {"cell_index": False}), ("edit_markdown", {"cell_index": True, "content": "c"}),
+                               ("insert_cell", {"cell_index": True, "content": "d", "cell_type": "markdown"}),
+                               ("notebook_outline", {"offset": True})):
+                result = await s.call_tool(tool, {"session_id": sid, **args})
+                refused[tool] = (result.is_error, result.content[0].text)
+            cells = (await call(s, "notebook_outline", session_id=sid)).structured_content["cells"]
+            return seen, sizes, small, cell, rest, refused, cells
+
+    seen, sizes, small, cell, rest, refused, cells = anyio.run(scenario)
+    assert seen == list(range(2000)) and max(sizes) <= 2 * 8000, max(sizes)
+    assert [r["index"] for r in small["cells"]] == [10, 11, 12] and small["next_offset"] == 13
+    assert len(cell["source"]) == 100 and cell["source_chars"] == 300_000 and cell["source_more"]
+    assert rest["source"] == "1\n" + "x = 1\n" * 8 and not rest["source_more"]
+    for tool, (is_error, message) in refused.items():
+        assert is_error and "valid integer" in message, (tool, message)
+    assert [c["first_line"] for c in cells] == ["a", "b"]  # nothing was deleted, moved or edited
+
+
+def test_a_request_with_a_lone_surrogate_gets_an_error_answer(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scribe_mcp.py"), "--no-preload", "--notebook-dir",
+                             str(tmp_path / "nb")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=server_env())
+
+    def exchange(line: str) -> dict:
+        proc.stdin.write(line.encode() + b"\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "no answer"
+        return json.loads(proc.stdout.readline())
+
+    try:
+        exchange(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}))
+        proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+        bad = exchange('{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"start_new_session",'
+                       '"arguments":{"experiment_name":"a\\ud800b"}}}')
+        paired = exchange('{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"start_new_session",'
+                          '"arguments":{"experiment_name":"smile \\ud83d\\ude00"}}}')
+    finally:
+        proc.stdin.close()
+        proc.wait(30)
+    assert bad["id"] == 2 and bad["error"]["code"] == -32602 and "lone UTF-16 surrogate" in bad["error"]["message"]
+    assert paired["id"] == 3 and not paired["result"]["isError"]  # a proper pair is an ordinary character
+    assert "refused a request" in proc.stderr.read().decode()
