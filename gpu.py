@@ -65,6 +65,7 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 ENV_SOCKET = "SCRIBE_WORKER_SOCKET"
 ENV_SPEC = "SCRIBE_WORKER_SPEC"
 ENV_OWNER = "SCRIBE_WORKER_OWNER"
+ENV_NAME = "SCRIBE_MODEL_NAME"  # what the server's model is called (an experiment's alias): repr(client)
 
 DEFAULT_CALL_TIMEOUT = float(os.environ.get("SCRIBE_CALL_TIMEOUT", "600"))
 WORKER_START_TIMEOUT = float(os.environ.get("SCRIBE_WORKER_START_TIMEOUT", "600"))
@@ -1343,7 +1344,7 @@ class LocalBackend:
         self.spec, self.socket_path, self.owner_pid, self.who = spec, socket_path, owner_pid, who
         self.sock: socket.socket | None = None
         self.worker_pid: int | None = None
-        self.model_name = spec.display_name if spec else "the server's model"
+        self.model_name = spec.display_name if spec else os.environ.get(ENV_NAME, "the server's model")
         self._ids = 0
 
     def connect(self) -> None:

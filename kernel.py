@@ -314,8 +314,7 @@ class NotebookFile:
         try:
             self._write()
         except Exception as exc:
-            return (f"the notebook could not be saved ({type(exc).__name__}: {exc}); the cell's result "
-                    "is below and saving is tried again after the next cell")
+            return f"the notebook could not be saved ({type(exc).__name__}: {exc})"
         return None
 
     def cached_json(self, cell) -> str | None:
@@ -471,10 +470,12 @@ KERNEL_ARGS = [
 ]
 
 
-# ipykernel's launcher, except that the kernel's IOPub socket never drops a message: its send
-# high-water mark (1000 messages) would discard output whenever this reader falls behind a
-# flood on a busy machine. The notebook folder (the kernel's cwd) is not put on sys.path
-# until IPython's own start-up, as with ipykernel_launcher.
+# ipykernel's launcher, with two changes. The kernel's IOPub socket never drops a message: its
+# send high-water mark (1000 messages) would discard output whenever this reader falls behind
+# a flood on a busy machine. And when the server dies (even by SIGKILL), the kernel takes its
+# whole process group with it, so processes a cell started do not live on (ipykernel's own
+# parent poller ends the kernel alone). The notebook folder (the kernel's cwd) is not put on
+# sys.path until IPython's own start-up, as with ipykernel_launcher.
 KERNEL_LAUNCHER = """\
 import sys
 if sys.path and sys.path[0] in ("", "."):
@@ -487,12 +488,21 @@ def _bind_without_drops(self, sock, port):
         sock.sndhwm = 0
     return _bind(self, sock, port)
 kernelapp.IPKernelApp._bind_socket = _bind_without_drops
+import os, signal, time
+from ipykernel import parentpoller
+_server = os.getppid()
+def _die_with_the_server(self):
+    while os.getppid() == _server:
+        time.sleep(0.5)
+    os.killpg(0, signal.SIGKILL)
+parentpoller.ParentPollerUnix.run = _die_with_the_server
 kernelapp.launch_new_instance()
 """
 
 
-def launch_kernel(runtime: Path, env: dict, cwd: str):
-    """Start an ipykernel; returns (KernelManager, client) once it answers.
+def launch_kernel(runtime: Path, env: dict, cwd: str, started=None):
+    """Start an ipykernel; returns (KernelManager, client) once it answers. `started(km)` is
+    called as soon as its process exists (before it answers).
 
     `runtime`'s parent (the server's runtime folder) must exist: a kernel starting while the
     server shuts down must fail, not recreate the folder the server just removed.
@@ -507,6 +517,8 @@ def launch_kernel(runtime: Path, env: dict, cwd: str):
     km = KernelManager(transport="ipc", ip=str(runtime / "k"), connection_file=str(runtime / "connection.json"))
     km.kernel_spec.argv = [sys.executable, "-c", KERNEL_LAUNCHER, "-f", "{connection_file}"]
     km.start_kernel(cwd=cwd, env=env, extra_arguments=KERNEL_ARGS)
+    if started is not None:
+        started(km)
     kc = km.client()
     # Never drop IOPub messages: the kernel's high-water mark would discard output (and the
     # final idle status) whenever we fall behind a flood.
@@ -566,6 +578,8 @@ class Session:
         self.running_cell = None  # the cell being executed now, for the live view
         self._executed: dict[str, object] = {}  # msg_id -> cell, for this kernel's recent executions
         self._late: list = []  # earlier cells that got output since they finished
+        self.save_warning: str | None = None  # why the last edit is not on disk yet
+        self.restarting = False  # restart() killed the kernel under a running cell
         self._runtime = manager.runtime / session_id
 
     @property
@@ -593,8 +607,10 @@ class Session:
         """
         if not self.lock.acquire(timeout=0.1):
             # KernelManager is not thread-safe: kill the process and let the cell's thread notice.
+            self.restarting = True
             kill_kernel(self.km)
             self.lock.acquire()
+        self.restarting = False
         try:
             self.stop_kernel()
             self.start_kernel()
@@ -682,7 +698,7 @@ class Session:
             position = len(self.cells) if index is None else self._position(index, insert=True)
             self.cells.insert(position, _node(cell_type="markdown", id=secrets.token_hex(4), metadata={},
                                               source=content))
-            self._save_or_raise()
+            self._save_edit()
             return position
 
     def edit_markdown(self, cell_index: int, content: str) -> int:
@@ -693,14 +709,14 @@ class Session:
             if cell.cell_type != "markdown":
                 raise SessionError(f"cell {position} is a {cell.cell_type} cell, not markdown: use edit_cell")
             cell.source = content
-            self._save_or_raise(cell)
+            self._save_edit(cell)
             return position
 
     def delete_cell(self, cell_index: int) -> dict:
         with self._turn(None):
             position = self._position(cell_index)
             cell = self.cells.pop(position)
-            self._save_or_raise()
+            self._save_edit()
             return {"deleted": position, "type": cell.cell_type, "source": cell.source[:200]}
 
     def move_cell(self, cell_index: int, to_index: int) -> int:
@@ -708,16 +724,19 @@ class Session:
             source = self._position(cell_index)
             target = self._position(to_index)
             self.cells.insert(target, self.cells.pop(source))
-            self._save_or_raise()
+            self._save_edit()
             return target
 
     def _position(self, index, insert: bool = False) -> int:
         return position(self.cells, index, insert)
 
-    def _save_or_raise(self, *changed) -> None:
+    def _save_edit(self, *changed) -> None:
+        """Save after an edit. The edit stands even when the disk refuses it (it is written with the
+        next save that works), so it is reported as done, with the warning in save_warning: an
+        agent told it failed would make it again."""
         warning = self.file.save(*changed)
-        if warning:
-            raise SessionError(warning)
+        self.save_warning = warning and (f"{warning}; the change was made in the session and is written to "
+                                         "disk with the next save that works: do not repeat it")
 
     def run_all(self, on_progress=None, stop: Stop | None = None) -> dict:
         """Re-run every code cell in order, past errors; a summary of what failed.
@@ -776,7 +795,7 @@ class Session:
                          "started); that output is kept in that cell")
         warning = self.file.save(cell, *late)
         if warning:
-            notes.append(warning)
+            notes.append(f"{warning}; the cell's result is below and saving is tried again after the next cell")
         text, images, image_notes = render(cell.outputs, self.manager.output_limit, self.manager.image_max)
         if status == "ok" and any(o.output_type == "error" for o in cell.outputs):
             status = "error"
@@ -895,6 +914,9 @@ class Session:
         flush()
         if self.closing:
             return "interrupted", "\n[Stopped: the session was shut down while this cell ran]"
+        if self.restarting:  # restart_session's doing, not the cell's: restart() starts the new kernel
+            return "interrupted", ("\n[Stopped: restart_session gave this session a fresh kernel while this cell "
+                                   "ran; variables from earlier cells are gone]")
         cell.outputs.append(_node(
             output_type="error", ename="KernelDied",
             evalue="the kernel died while running this cell (os._exit, a crash, or out of memory)", traceback=[]))
@@ -968,6 +990,7 @@ class SessionManager:
         self._spare_wanted = spare_kernel
         self._spare: tuple[str, object, object] | None = None
         self._spare_lock = threading.Lock()
+        self._launching = None  # a spare kernel whose process runs but does not answer yet
         self._refill()
         if idle_timeout > 0:
             threading.Thread(target=self._reap_idle, daemon=True).start()
@@ -990,8 +1013,9 @@ class SessionManager:
         try:
             session_id = secrets.token_hex(4)
             km, kc = launch_kernel(self.runtime / session_id, self.env_for(session_id),
-                                   str(self.notebook_dir))
+                                   str(self.notebook_dir), started=self._spare_started)
             with self._lock:
+                self._launching = None
                 if not self._closed.is_set():
                     self._spare, km = (session_id, km, kc), None
             if km is not None:
@@ -1001,6 +1025,16 @@ class SessionManager:
                 print(f"[scribe] spare kernel failed to start: {exc}", file=sys.stderr, flush=True)
         finally:
             self._spare_lock.release()
+
+    def _spare_started(self, km) -> None:
+        """A spare kernel's process exists: shutdown_all kills it if it is still starting then
+        (else, orphaned, it would find its connection file removed, start over TCP and recreate
+        the runtime folder)."""
+        with self._lock:
+            self._launching = km
+            closed = self._closed.is_set()
+        if closed:
+            kill_kernel(km)
 
     def _take_spare(self, path: Path):
         """The spare kernel (id, km, kc) if it suits a notebook at `path`; call with self._lock held."""
@@ -1080,6 +1114,9 @@ class SessionManager:
         with self._lock:
             sessions, self.sessions = list(self.sessions.values()), {}
             spare, self._spare = self._spare, None
+            launching, self._launching = self._launching, None
+        if launching is not None:
+            kill_kernel(launching)
         threads = [threading.Thread(target=s.shutdown, args=(0.15,), daemon=True) for s in sessions]
         if spare:
             threads.append(threading.Thread(target=stop_kernel, args=spare[1:], daemon=True))
@@ -1103,7 +1140,9 @@ class SessionManager:
             self.sessions[session_id] = session  # claims the file before the (slow) kernel start
         try:
             with session.lock:  # the idle reaper and shutdown wait for the kernel to be up
-                session._save_or_raise()
+                warning = session.file.save()
+                if warning:  # no notebook file, no session
+                    raise SessionError(warning)
                 if spare and spare[1].is_alive() and not _cwd_deleted(spare[1]):
                     session.km, session.kc = spare[1], spare[2]
                 else:

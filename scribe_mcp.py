@@ -44,7 +44,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
-from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
+from typing_extensions import Required, TypedDict  # pydantic needs this one on Python < 3.12
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -221,7 +221,8 @@ class Scribe:
         self.runtime = make_runtime_dir()
         socket_path = str(self.runtime / "worker.sock")
         kernel_env = child_env(args.mode, KERNEL_SECRETS, args.pass_env)
-        kernel_env.update({gpu.ENV_SOCKET: socket_path, gpu.ENV_OWNER: str(os.getpid()), "SCRIBE_MODE": args.mode})
+        kernel_env.update({gpu.ENV_SOCKET: socket_path, gpu.ENV_OWNER: str(os.getpid()), "SCRIBE_MODE": args.mode,
+                           gpu.ENV_NAME: self.spec.display_name})
         if args.mode == "modal":  # the Modal client runs in the kernel and must know what to load
             kernel_env[gpu.ENV_SPEC] = self.spec.to_json()
         self.worker = None
@@ -372,6 +373,9 @@ async def _run_blocking(ctx: Context, work, on_cancel) -> object:
                 await ctx.report_progress(ticks, None, activity.message())
     except asyncio.CancelledError:
         on_cancel()
+        # The thread finishes later (a queued cell raises Cancelled): nobody awaits it any more, and
+        # an exception never retrieved would be logged with its traceback.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise
     try:
         return future.result()
@@ -408,9 +412,29 @@ class ShutdownInfo(TypedDict):
     status: str
 
 
-class CellRef(TypedDict):
-    session_id: str
-    cell_index: int
+class CellRef(TypedDict, total=False):
+    session_id: Required[str]
+    cell_index: Required[int]
+    warning: str  # the edit was made but is not on disk yet (e.g. a full disk)
+
+
+async def _edit(session: kernel.Session, method, *args) -> tuple[int, str | None]:
+    """A notebook edit and why it is not saved yet, if it is not: under the session's lock, so
+    the warning is this edit's own."""
+    def edit():
+        with session.lock:
+            value = method(*args)
+            return (value["deleted"] if isinstance(value, dict) else value), session.save_warning
+
+    return await _blocking(edit)
+
+
+async def _cell_ref(session: kernel.Session, method, *args) -> CellRef:
+    position, warning = await _edit(session, method, *args)
+    ref: CellRef = {"session_id": session.id, "cell_index": position}
+    if warning:
+        ref["warning"] = warning
+    return ref
 
 
 class CellRow(TypedDict, total=False):
@@ -552,7 +576,7 @@ def build_server(scribe: Scribe) -> MCPServer:
     ) -> CellRef:
         """Append a markdown cell to the notebook. Returns its cell_index (its position in the notebook)."""
         session = _session(sessions, session_id)
-        return {"session_id": session_id, "cell_index": await _blocking(session.add_markdown, content)}
+        return await _cell_ref(session, session.add_markdown, content)
 
     @mcp.tool(annotations=READ_ONLY)
     async def init_session(
@@ -641,8 +665,8 @@ def build_server(scribe: Scribe) -> MCPServer:
         """Insert a new cell at a position, e.g. a title at the top. A code cell runs immediately and its result comes back like execute_code's."""
         session = _session(sessions, session_id)
         if cell_type == "markdown":
-            index = await _blocking(session.add_markdown, content, cell_index)
-            return _text_result(f"[cell {index} · markdown inserted]")
+            index, warning = await _edit(session, session.add_markdown, content, cell_index)
+            return _text_result(f"[cell {index} · markdown inserted]" + (f"\nwarning: {warning}" if warning else ""))
         if cell_type != "code":
             raise ToolError(f"cell_type must be 'code' or 'markdown', got {cell_type!r}")
         scribe.ensure_worker()
@@ -654,21 +678,20 @@ def build_server(scribe: Scribe) -> MCPServer:
                             content: Annotated[str, Field(description="the new markdown text")]) -> CellRef:
         """Replace the text of a markdown cell."""
         session = _session(sessions, session_id)
-        return {"session_id": session_id, "cell_index": await _blocking(session.edit_markdown, cell_index, content)}
+        return await _cell_ref(session, session.edit_markdown, cell_index, content)
 
     @mcp.tool(annotations=DESTROYS, structured_output=True)
     async def delete_cell(session_id: SessionId, cell_index: CellIndex) -> CellRef:
         """Delete a cell (code or markdown) from the notebook; the cells after it move up one. Variables it created stay in the kernel."""
         session = _session(sessions, session_id)
-        deleted = await _blocking(session.delete_cell, cell_index)
-        return {"session_id": session_id, "cell_index": deleted["deleted"]}
+        return await _cell_ref(session, session.delete_cell, cell_index)
 
     @mcp.tool(annotations=EDITS, structured_output=True)
     async def move_cell(session_id: SessionId, cell_index: CellIndex,
                         to_index: Annotated[int, Field(strict=True, description="the position the cell ends up at")]) -> CellRef:
         """Move a cell to another position (nothing is re-run). Returns its new cell_index."""
         session = _session(sessions, session_id)
-        return {"session_id": session_id, "cell_index": await _blocking(session.move_cell, cell_index, to_index)}
+        return await _cell_ref(session, session.move_cell, cell_index, to_index)
 
     # Tools only: do not advertise prompts and resources that have nothing behind them.
     handlers = mcp._lowlevel_server._request_handlers

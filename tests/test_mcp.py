@@ -613,3 +613,114 @@ def test_a_request_with_a_lone_surrogate_gets_an_error_answer(tmp_path):
     assert bad["id"] == 2 and bad["error"]["code"] == -32602 and "lone UTF-16 surrogate" in bad["error"]["message"]
     assert paired["id"] == 3 and not paired["result"]["isError"]  # a proper pair is an ordinary character
     assert "refused a request" in proc.stderr.read().decode()
+
+
+def test_messages_say_what_happened_full_disk_restart_cancel_and_the_model_name(tmp_path):
+    """Edits on a full disk are done (with a warning), not errors an agent would repeat; a restart under
+    a running cell is named as such; cancelled queued calls log nothing; repr(client) names the model."""
+    nbdir = tmp_path / "nb"
+    log = tmp_path / "server.log"
+
+    async def scenario():
+        with open(log, "w") as errlog:
+            async with connect("--notebook-dir", str(nbdir), "--no-preload", env=server_env(), errlog=errlog) as s:
+                sid = (await call(s, "start_new_session")).structured_content["session_id"]
+                setup = text(await call(s, "execute_code", session_id=sid,
+                                        code="from gpu import InterpClient\nclient = InterpClient(preload=False)\n"
+                                             "print(client)"))
+                shutil_ = __import__("shutil")
+                shutil_.rmtree(nbdir)
+                nbdir.write_text("a file where the folder was")  # every save fails, like a full disk
+                added = await call(s, "add_markdown", session_id=sid, content="## finding")
+                inserted = await call(s, "insert_cell", session_id=sid, cell_index=0, content="# title",
+                                      cell_type="markdown")
+                deleted = await call(s, "delete_cell", session_id=sid, cell_index=0)
+                nbdir.unlink()
+                await call(s, "execute_code", session_id=sid, code="saved_again = 1")
+                async with anyio.create_task_group() as tg:
+                    results = {}
+
+                    async def running():
+                        results["cell"] = text(await call(s, "execute_code", session_id=sid,
+                                                          code="import time\ntime.sleep(30)"))
+
+                    tg.start_soon(running)
+                    await anyio.sleep(1.0)
+                    for _ in range(3):  # queued behind the running cell, then cancelled
+                        with anyio.move_on_after(0.3):
+                            await s.call_tool("execute_code", {"session_id": sid, "code": "never = 1"})
+                    await call(s, "restart_session", session_id=sid)
+                path = (await call(s, "list_sessions")).structured_content["sessions"][0]["notebook_path"]
+        return setup, added, inserted, deleted, results["cell"], Path(path)
+
+    setup, added, inserted, deleted, cell, path = anyio.run(scenario)
+    assert "SmolLM2-135M-Instruct (embedded)" in setup, setup
+    for result in (added, deleted):
+        assert not result.is_error and "do not repeat it" in result.structured_content["warning"]
+    assert not inserted.is_error and "[cell 0 · markdown inserted]" in text(inserted) and "do not repeat it" in text(inserted)
+    assert [c.source for c in nbformat.read(path, as_version=4).cells][:3] == [
+        "from gpu import InterpClient\nclient = InterpClient(preload=False)\nprint(client)", "## finding",
+        "saved_again = 1"]
+    assert "restart_session gave this session a fresh kernel" in cell and "KernelDied" not in cell, cell
+    assert "never retrieved" not in log.read_text()
+
+
+def test_the_servers_death_takes_every_kernel_and_its_children_and_early_close_leaves_nothing(tmp_path):
+    """kill -9 of the server: a process a cell started dies too. stdin closed while the spare kernel
+    starts: no kernel over TCP, no runtime folder left behind."""
+    env = {**server_env(), "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scribe_mcp.py"), "--no-preload", "--notebook-dir",
+                             str(tmp_path / "nb")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env)
+
+    def exchange(message: dict) -> dict:
+        proc.stdin.write(json.dumps(message).encode() + b"\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready
+        return json.loads(proc.stdout.readline())
+
+    exchange({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
+    proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+    sid = exchange({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "start_new_session", "arguments": {}}})["result"]["structuredContent"]["session_id"]
+    out = exchange({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "execute_code", "arguments": {
+        "session_id": sid, "code": "import subprocess\nprint(subprocess.Popen(['sleep', '600']).pid)"}}})
+    child = int(out["result"]["content"][0]["text"].split()[-1])
+    assert gpu_pid_alive(child)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60  # a bound on the wait, not a timing claim
+    while gpu_pid_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = gpu_pid_alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the cell's child outlived the server"
+
+    early_close_leaves_nothing(tmp_path)
+
+
+def early_close_leaves_nothing(tmp_path):
+    for delay in (0.3, 1.0, 2.0):
+        quiet = tmp_path / f"early-{delay}"
+        quiet.mkdir()
+        run = subprocess.Popen([sys.executable, str(ROOT / "scribe_mcp.py"), "--no-preload", "--notebook-dir",
+                                str(quiet / "nb")], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env={**server_env(), "TMPDIR": str(quiet)})
+        time.sleep(delay)
+        run.stdin.close()
+        run.wait(60)
+        stderr = run.stderr.read().decode()  # to its end: a kernel left behind would hold it open
+        time.sleep(1.5)  # an orphaned kernel would recreate its folder within its first second
+        assert "without encryption" not in stderr, stderr
+        assert not list(quiet.glob("scribe-*")), list(quiet.iterdir())
+
+
+def gpu_pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] != "Z"
+    except OSError:
+        return False
