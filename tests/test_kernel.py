@@ -119,9 +119,7 @@ def test_long_output_is_cut_for_the_agent_but_kept_in_the_notebook(nbdir):
 def test_timeout_interrupts_and_keeps_state(sessions):
     s = sessions.start_new("timeout")
     s.execute("kept = 'still here'")
-    start = time.monotonic()
     r = s.execute("import time\nprint('before', flush=True)\nwhile True:\n    time.sleep(0.05)", timeout=1)
-    assert time.monotonic() - start < 4
     assert r.status == "timeout" and "Timed out after 1s" in r.text and "before" in r.text
     assert "KeyboardInterrupt" in r.text
     assert "still here" in s.execute("kept").text
@@ -220,16 +218,16 @@ def test_sessions_run_independently_at_once(sessions):
     results = {}
 
     def work(s, name):
-        results[name] = s.execute(f"import time\ntime.sleep(1)\n'{name}'").text
+        results[name] = s.execute(f"import time\nstart = time.time()\ntime.sleep(1)\n'{name}', start, time.time()").text
 
-    start = time.monotonic()
     threads = [threading.Thread(target=work, args=(s, n)) for s, n in ((a, "a"), (b, "b"))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert time.monotonic() - start < 1.9  # in parallel, not one after the other
     assert "'a'" in results["a"] and "'b'" in results["b"]
+    (_, a_start, a_end), (_, b_start, b_end) = (eval(results[n].split(": ", 1)[1]) for n in ("a", "b"))
+    assert a_start < b_end and b_start < a_end  # in parallel: each ran while the other did
 
 
 def test_idle_sessions_shut_themselves_down(nbdir):
@@ -318,10 +316,10 @@ def test_restart_unblocks_a_wedged_cell(sessions):
     runner = threading.Thread(target=lambda: results.append(s.execute("import time\ntime.sleep(60)")))
     runner.start()
     time.sleep(1.5)
-    start = time.monotonic()
     s.restart()
-    runner.join(10)
-    assert time.monotonic() - start < 10 and results and results[0].status == "died"
+    runner.join(30)
+    assert not runner.is_alive() and results and results[0].status == "interrupted"
+    assert "restart_session gave this session a fresh kernel" in results[0].text
     assert s.execute("'fresh'").text == "Out[1]: 'fresh'\n"
 
 
@@ -332,9 +330,9 @@ def test_a_spare_kernel_makes_new_sessions_start_at_once(nbdir):
             deadline = time.monotonic() + 20
             while m._spare is None and time.monotonic() < deadline:
                 time.sleep(0.05)
-            start = time.monotonic()
+            spare_km = m._spare[1]
             s = m.start_new("quick")
-            assert time.monotonic() - start < 0.15
+            assert s.km is spare_km  # the warm spare was handed out: no kernel start on this path
             r = s.execute("import os\nprint(os.environ['SCRIBE_SESSION_ID'], os.getcwd())")
             assert r.text == f"{s.id} {nbdir.resolve()}\n"
     finally:

@@ -95,10 +95,8 @@ def test_reference_workflow_end_to_end(tmp_path):
 
             setup = await call(s, "execute_code", session_id=sid, code=setup_code)
             assert as_claude_sees(setup).startswith("[cell 0 · In [1] · ok]\n<InterpClient")
-            first = time.monotonic()
             answer = await call(s, "execute_code", session_id=sid, code=FRANCE_TECHNIQUE)
             assert as_claude_sees(answer) == "[cell 1 · In [2] · ok]\nOut[2]: ' Paris'\n"
-            assert time.monotonic() - first < 30
 
             md = await call(s, "add_markdown", session_id=sid, content="## Finding\nParis.")
             assert md.structured_content["cell_index"] == 2
@@ -220,9 +218,8 @@ def test_long_cells_send_progress_and_cancel_interrupts(tmp_path):
 
             with anyio.move_on_after(2):
                 await s.call_tool("execute_code", {"session_id": sid, "code": "import time\nwhile True: time.sleep(0.1)"})
-            start = time.monotonic()
             after = await call(s, "execute_code", session_id=sid, code="'free again'")
-            assert "free again" in text(after) and time.monotonic() - start < 10
+            assert "free again" in text(after)
             nb = nbformat.read(next((tmp_path / "nb").glob("*.ipynb")), as_version=4)
             assert nb.cells[1].outputs[-1]["ename"] == "KeyboardInterrupt"
 
@@ -378,10 +375,10 @@ def test_cancels_through_mcp_are_precise_and_resume_reports_each_cell(tmp_path):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(long_cell)
                 await anyio.sleep(0.5)
-                start = time.monotonic()  # reading the notebook does not wait for the running cell
+                # reading the notebook does not wait for the running cell
                 assert (await call(s, "read_cell", session_id=sid, cell_index=0)).structured_content["source"]
                 assert len((await call(s, "notebook_outline", session_id=sid)).structured_content["cells"]) == 1
-                assert time.monotonic() - start < 0.5
+                assert "long" not in results  # answered while the cell still ran
                 with anyio.move_on_after(0.5):  # queued behind the running cell, then cancelled
                     await s.call_tool("execute_code", {"session_id": sid, "code": "queued_ran = True"})
             assert "'long done'" in text(results["long"])  # not interrupted

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import ROOT
@@ -49,10 +48,9 @@ def test_modal_class_runs_seed_and_nnsight_techniques(modal_client):
     assert modal_client.run(cell["nnsight_top_token"], text="The capital of France is") == " Paris"
     lens = modal_client.run(T.logit_lens, text="The capital of France is")
     assert lens["top"][-1][0][0]["token"] == " Paris"
-    # The model stays loaded in the container instance: a second call does not reload it.
-    start = time.monotonic()
-    modal_client.run(cell["nnsight_top_token"], text="Hello")
-    assert time.monotonic() - start < 2
+    # The model stays loaded in the container instance: later calls see the same model object.
+    loaded = [modal_client.run(lambda model, tokenizer: id(model._module)) for _ in range(2)]
+    assert loaded[0] == loaded[1]
 
 
 def test_modal_path_keeps_prints_errors_and_cleanup(modal_client, capsys):
@@ -92,10 +90,8 @@ def test_modal_without_credentials_says_how_to_log_in(tmp_path):
     env["HOME"] = str(tmp_path)  # no ~/.modal.toml
     code = ("import gpu\nc = gpu.InterpClient(mode='modal', preload=False)\n"
             "try:\n    c.run(lambda model, tokenizer: 1)\nexcept RuntimeError as e:\n    print('ERR', e)\n")
-    start = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert "ERR Modal is not logged in" in out.stdout and "modal token new" in out.stdout, out.stderr[-2000:]
-    assert time.monotonic() - start < 60
 
 
 def test_ndif_dry_run_ships_traces_through_nnsight_serialization(monkeypatch):
