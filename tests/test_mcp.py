@@ -721,3 +721,43 @@ def gpu_pid_alive(pid: int) -> bool:
             return f.read().split(")")[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_the_handshake_is_answered_early_with_exactly_the_sdks_answers(tmp_path):
+    """initialize and tools/list come from a listing the SDK itself produced, so agent CLIs that do not
+    wait see the tools on their first turn; a request sent at once still reaches the SDK once it has loaded."""
+    import scribe_mcp
+
+    scribe_mcp.refresh_listing()
+    assert json.loads(scribe_mcp.LISTING.read_text()) == scribe_mcp.make_listing()
+
+    def session(early: bool) -> list[dict]:
+        env = {**server_env(), "SCRIBE_EARLY_HANDSHAKE": "1" if early else "0"}
+        proc = subprocess.Popen([sys.executable, str(ROOT / "scribe_mcp.py"), "--no-preload", "--notebook-dir",
+                                 str(tmp_path / f"nb-{early}")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=env)
+        lines = [{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                     "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}},
+                 {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                 {"jsonrpc": "2.0", "id": "list", "method": "tools/list", "params": {}},
+                 {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "list_sessions", "arguments": {}}}]
+        proc.stdin.write(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+        proc.stdin.flush()
+        answers = []
+        while len(answers) < 3:
+            ready, _, _ = select.select([proc.stdout], [], [], 120)
+            assert ready, answers
+            raw = proc.stdout.readline()
+            # Who answered shows in the bytes: the SDK writes compact JSON, the early path json.dumps'.
+            assert raw.startswith(b'{"jsonrpc": "2.0"' if early and len(answers) < 2 else b'{"jsonrpc":"2.0"'), raw[:40]
+            answers.append(json.loads(raw))
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+        extra = proc.stdout.read()
+        assert not extra, extra  # the SDK's second answer to initialize was dropped
+        return answers
+
+    early, sdk = session(True), session(False)
+    assert [a["id"] for a in early] == [1, "list", 3] and [a["id"] for a in sdk] == [1, "list", 3]
+    assert early[0]["result"] == sdk[0]["result"] and early[1]["result"] == sdk[1]["result"]
+    assert len(early[1]["result"]["tools"]) == 16 and early[2]["result"]["structuredContent"] == {"sessions": []}
