@@ -206,27 +206,38 @@ def server_command(exp: Experiment, extra: list[str]) -> list[str]:
 
 
 def agent_command(agent: str, exp: Experiment, config: Path, text: str, headless: bool) -> list[str]:
-    """The CLI invocation with Scribe registered and exactly Scribe's tools allowed."""
-    if agent == "claude":
-        cmd = ["claude", "--mcp-config", str(config), "--strict-mcp-config", "--allowedTools", "mcp__scribe__*"]
-        if headless:
-            cmd += ["-p", text, "--output-format", "stream-json", "--verbose"]
-        else:
-            cmd += [text]
-        return cmd
+    """The CLI invocation: Scribe registered, the CLI made to wait for it before its first model
+    request, and the agent kept to Scribe's tools as far as the CLI allows (README: per CLI)."""
+    if agent == "claude":  # the config's alwaysLoad makes it connect Scribe before the first request
+        cmd = ["claude", "--mcp-config", str(config), "--strict-mcp-config", "--tools", "",
+               "--allowedTools", "mcp__scribe__*"]
+        return cmd + (["-p", text, "--output-format", "stream-json", "--verbose"] if headless else [text])
     if agent == "codex":  # MCP servers come from the -c overrides; exec is codex's headless mode
         server = json.loads(config.read_text())["mcpServers"]["scribe"]
         overrides = ["-c", f"mcp_servers.scribe.command={json.dumps(server['command'])}",
-                     "-c", f"mcp_servers.scribe.args={json.dumps(server['args'])}"]
+                     "-c", f"mcp_servers.scribe.args={json.dumps(server['args'])}",
+                     "-c", "mcp_servers.scribe.required=true"]  # wait for Scribe before the first request
         # Codex's own shell tool stays in a read-only sandbox: the agent works through Scribe.
-        return ["codex", *(["exec", "--json"] if headless else []), "--sandbox", "read-only", *overrides, text]
-    if agent == "gemini":  # gemini reads MCP servers from settings; the launcher points it there
-        return ["gemini", "--allowed-mcp-server-names", "scribe", *(["-p", text] if headless else ["-i", text])]
+        head = ["exec", "--json", "--skip-git-repo-check"] if headless else []
+        return ["codex", *head, "--sandbox", "read-only", *overrides, text]
+    if agent == "gemini":  # Scribe comes from the workspace settings the launcher writes (run_agent)
+        return ["gemini", "--allowed-mcp-server-names", "scribe",
+                *(["-p", text, "--output-format", "stream-json"] if headless else ["-i", text])]
     raise ExperimentError(f"unknown agent {agent!r}: use claude, codex or gemini")
 
 
+def gemini_settings(servers: dict) -> dict:
+    """Workspace settings for Gemini CLI: Scribe trusted (its tools need no confirmation) and the
+    CLI's own file, shell and web tools left out."""
+    return {"mcpServers": {name: {**entry, "trust": True} for name, entry in servers.items()},
+            "tools": {"exclude": ["run_shell_command", "write_file", "replace", "read_file", "read_many_files", "glob",
+                                  "grep_search", "list_directory", "web_fetch", "google_web_search", "save_memory",
+                                  "invoke_agent", "enter_plan_mode"]}}
+
+
 def run_agent(agent: str, exp: Experiment, notebook_dir: Path, headless: bool, server_args: list[str]) -> int:
-    """Start the agent CLI on the experiment. Headless runs save the transcript in notebook_dir."""
+    """Start the agent CLI on the experiment. Headless runs save the CLI's machine-readable
+    transcript (JSON lines) in notebook_dir."""
     if agent not in AGENTS:
         raise ExperimentError(f"unknown agent {agent!r}: use {', '.join(AGENTS)}")
     if shutil.which(agent) is None:
@@ -238,20 +249,24 @@ def run_agent(agent: str, exp: Experiment, notebook_dir: Path, headless: bool, s
     try:
         config = private / "mcp.json"
         server = server_command(exp, ["--notebook-dir", str(notebook_dir), *server_args])
-        config.write_text(json.dumps({"mcpServers": {"scribe": {"command": server[0], "args": server[1:]}}}))
+        servers = {"scribe": {"command": server[0], "args": server[1:], "alwaysLoad": True}}
+        config.write_text(json.dumps({"mcpServers": servers}))
         config.chmod(0o600)
         env = {k: v for k, v in os.environ.items() if not k.startswith("SCRIBE_")}
         if agent == "gemini":
-            settings = private / ".gemini"
-            settings.mkdir()
-            (settings / "settings.json").write_text(json.dumps({"mcpServers": json.loads(config.read_text())["mcpServers"]}))
-            env["GEMINI_CLI_SYSTEM_SETTINGS_PATH"] = str(settings / "settings.json")
+            # Gemini reads a system settings file only when it and every parent are root-owned;
+            # workspace settings in this private folder work for everyone, and trusting the
+            # workspace keeps headless mode from refusing it. The user's own login stays.
+            (private / ".gemini").mkdir()
+            (private / ".gemini" / "settings.json").write_text(json.dumps(gemini_settings(
+                {"scribe": {"command": server[0], "args": server[1:]}})))
+            env["GEMINI_CLI_TRUST_WORKSPACE"] = "true"
         cmd = agent_command(agent, exp, config, text, headless)
         if not headless:
-            return subprocess.call(cmd, env=env)
-        transcript = notebook_dir / f"{_slug(exp.name)}.transcript.jsonl"
+            return subprocess.call(cmd, env=env, cwd=private)
+        transcript = notebook_dir / f"{_slug(exp.name)}.{agent}.jsonl"
         with open(transcript, "w") as out:
-            code = subprocess.call(cmd, env=env, stdout=out, stdin=subprocess.DEVNULL)
+            code = subprocess.call(cmd, env=env, stdout=out, stdin=subprocess.DEVNULL, cwd=private)
         print(f"transcript: {transcript}", file=sys.stderr)
         return code
     finally:
@@ -298,13 +313,17 @@ def grade(exp: Experiment, notebook: Path, agent: str = "claude") -> dict:
     if shutil.which(agent) is None:
         raise ExperimentError(f"the {agent} CLI is not installed (or not on PATH): install it with `{AGENTS[agent]}`")
     judge_prompt = JUDGE.format(truth=exp.ground_truth or ", ".join(exp.expect), notebook=text)
-    cmd = {"claude": [agent, "-p", judge_prompt, "--output-format", "json"],
-           "codex": [agent, "exec", judge_prompt], "gemini": [agent, "-p", judge_prompt]}[agent]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    cmd = {"claude": [agent, "-p", judge_prompt, "--output-format", "json", "--tools", ""],
+           "codex": [agent, "exec", "--skip-git-repo-check", "--sandbox", "read-only", judge_prompt],
+           "gemini": [agent, "-p", judge_prompt, "--output-format", "json"]}[agent]
+    with tempfile.TemporaryDirectory(prefix="scribe-judge-") as where:  # no project files for the judge
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, cwd=where,
+                             env={**os.environ, "GEMINI_CLI_TRUST_WORKSPACE": "true"})
     reply = out.stdout
     with_result = _json_object(reply)
-    if with_result and "result" in with_result and isinstance(with_result["result"], str):  # claude's envelope
-        with_result = _json_object(with_result["result"])
+    for envelope in ("result", "response"):  # claude's and gemini's JSON output wrap the answer
+        if with_result and isinstance(with_result.get(envelope), str):
+            with_result = _json_object(with_result[envelope])
     if not with_result or "verdict" not in with_result:
         raise ExperimentError(f"the judge's answer was not the JSON asked for: {reply.strip()[:300]!r}")
     result.update(score=with_result.get("score"), verdict=with_result["verdict"],

