@@ -177,8 +177,10 @@ import gpu  # noqa: E402
 import kernel  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-# Progress notifications keep MCP clients from timing out on long cells.
+# Progress notifications keep MCP clients from timing out on long cells: one when the cell's
+# status or output changed (at most every PROGRESS_EVERY s), else a short heartbeat.
 PROGRESS_EVERY = 3.0
+HEARTBEAT_EVERY = 15.0
 # Claude Code replaces results over ~25k tokens with a file pointer; stay far below.
 RESULT_CHARS_MAX = 40_000
 
@@ -218,7 +220,11 @@ model.model.layers[5].output.save()` (a layer's output is a tensor [batch, pos, 
 Inside a trace: read modules in the order they run; only `.save()`d values survive the block; \
 a list you fill in the block must be created BEFORE the `with` line (`hs = []` then \
 `hs.append(layer.output.save())` inside), since names first assigned in the block other than \
-`x = ....save()` are lost, and so are list comprehensions. Return plain values (str, numbers, \
+`x = ....save()` are lost, and so are list comprehensions. Layers are numbered 0..n-1 \
+everywhere (techniques too); `output_hidden_states=True` gives n+1 states, `hidden_states[0]` \
+being the embeddings, so layer i's output is `hidden_states[i + 1]`. In transformers 5 \
+`tokenizer.apply_chat_template(messages, tokenize=True)` returns a dict (a BatchEncoding): take \
+`["input_ids"]`, or pass `return_dict=False` for the list of ids. Return plain values (str, numbers, \
 lists, dicts); tensors come back as numpy arrays. What `fn` prints shows in the cell; its \
 exceptions are raised in the cell with the worker's traceback; `client.run(fn, timeout=60, \
 ...)` bounds a call. Ready-made techniques: `from techniques import logit_lens` then \
@@ -466,19 +472,24 @@ class _Activity:
         self.started = time.monotonic()
         self.recent: deque[str] = deque(maxlen=20)
         self.status = ""
+        self.new_output = False  # output since the last notification
 
     def output(self, text: str) -> None:
         self.recent.append(text)
+        self.new_output = True
 
     def progress(self, message: str) -> None:
         self.status = message
 
     def message(self) -> str:
+        """Short: the status, or the output's last line when there is new output (stale output
+        is not repeated)."""
         elapsed = f"{time.monotonic() - self.started:.0f}s"
         if self.status:
             return f"{self.status} ({elapsed})"
-        tail = kernel.collapse_cr("".join(self.recent))[-300:].strip()
-        return f"running for {elapsed}" + (f"; recent output: {tail}" if tail else "")
+        tail = kernel.collapse_cr("".join(self.recent)).strip().splitlines()[-1:] if self.new_output else []
+        self.new_output = False
+        return f"running for {elapsed}" + (f"; output: {tail[0][-160:]}" if tail else "")
 
 
 async def _run_blocking(ctx: Context, work, on_cancel) -> object:
@@ -489,7 +500,9 @@ async def _run_blocking(ctx: Context, work, on_cancel) -> object:
     ticks, sent, last = 0, None, time.monotonic()
     try:
         while not (await asyncio.wait([future], timeout=0.25))[0]:
-            if activity.status != sent or time.monotonic() - last >= PROGRESS_EVERY:
+            quiet = time.monotonic() - last
+            if (activity.status != sent or (activity.new_output and quiet >= PROGRESS_EVERY)
+                    or quiet >= HEARTBEAT_EVERY):
                 ticks, sent, last = ticks + 1, activity.status, time.monotonic()
                 await ctx.report_progress(ticks, None, activity.message())
     except asyncio.CancelledError:

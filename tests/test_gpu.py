@@ -414,10 +414,18 @@ def taught(model, tokenizer, text):
         plain = model(**inputs, output_hidden_states=True)
         lens = model.lm_head(plain.hidden_states[-1])
         generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with model.trace(text):
+        layer_2 = model.model.layers[2].output.save()
+    chat = [{"role": "user", "content": "Hi"}]
+    encoded = tokenizer.apply_chat_template(chat, tokenize=True)
+    ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False)
     return (list(h.shape), len(hs), [list(x.shape) for x in hs], list(lens.shape),
-            tokenizer.decode(generated[0][inputs["input_ids"].shape[1]:]))
+            tokenizer.decode(generated[0][inputs["input_ids"].shape[1]:]),
+            len(plain.hidden_states), bool(torch.equal(plain.hidden_states[2 + 1], layer_2)),
+            encoded["input_ids"] == ids and isinstance(ids[0], int))
 
 print(client.run(taught, text="The capital of France is"))
 '''
     out = run_ok(kernel_session, code)
-    assert "([1, 5, 576], 3, [[1, 5, 576], [1, 5, 576], [1, 5, 576]], [1, 5, 49152], ' Paris." in out, out
+    assert ("([1, 5, 576], 3, [[1, 5, 576], [1, 5, 576], [1, 5, 576]], [1, 5, 49152], ' Paris.\\n', 31, True, True)"
+            in out), out

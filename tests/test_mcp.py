@@ -215,13 +215,18 @@ def test_long_cells_send_progress_and_cancel_interrupts(tmp_path):
                                        progress_callback=on_progress)
             assert "step 7" in text(result)
             assert len(updates) >= 2 and any("step" in m for m in updates)
+            updates.clear()  # output once, then silence: told once, then only short heartbeats
+            await s.call_tool("execute_code", {"session_id": sid, "code": "import time\nprint('only line', flush=True)\n"
+                                               "time.sleep(20)"}, progress_callback=on_progress)
+            assert sum("only line" in m for m in updates) == 1, updates
+            assert 1 <= len(updates) <= 4 and all(len(m) < 200 for m in updates), updates
 
             with anyio.move_on_after(2):
                 await s.call_tool("execute_code", {"session_id": sid, "code": "import time\nwhile True: time.sleep(0.1)"})
             after = await call(s, "execute_code", session_id=sid, code="'free again'")
             assert "free again" in text(after)
             nb = nbformat.read(next((tmp_path / "nb").glob("*.ipynb")), as_version=4)
-            assert nb.cells[1].outputs[-1]["ename"] == "KeyboardInterrupt"
+            assert nb.cells[2].outputs[-1]["ename"] == "KeyboardInterrupt"
 
     anyio.run(scenario)
 
