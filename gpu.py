@@ -216,6 +216,8 @@ def load_model(spec: ModelSpec):
         # off for a base-vs-organism comparison in the same call (techniques.base_model).
         peft_model = PeftModel.from_pretrained(hf_model, spec.adapter).eval()
         hf_model, base_switch = peft_model.get_base_model(), peft_model.disable_adapter
+        # PEFT's own idiom works on the wrapped model too: `with model.disable_adapter(): ...`
+        hf_model.disable_adapter = peft_model.disable_adapter
     elif spec.base_model:
         beside = [load(resolve_model_path(replace(spec, model=spec.base_model)))]
         base = TransformersModel(beside[0], tokenizer=tokenizer)

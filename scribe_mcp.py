@@ -839,9 +839,10 @@ def init_text(scribe: Scribe, catalog: dict) -> str:
         return "\n".join(f"- {t['signature']}: {t['summary']}" + (f" Returns {t['returns']}" if returns and t["returns"] else "")
                          for t in entries)
 
+    base = f"{BASE_MODEL_NOTE}\n\n" if scribe.spec.adapter or scribe.spec.base_model else ""
     return (f"Setup code (run it once with execute_code):\n```python\n{SETUP_CODE}```\n\n"
             f"Model: {scribe.spec.display_name} (mode: {scribe.mode})\n\n"
-            f"How to use client:\n{_instructions()}\n\n"
+            f"How to use client:\n{_instructions()}\n\n{base}"
             f"Techniques (`from techniques import NAME`, then `client.run(NAME, ...)`; results are dicts that "
             f"print as a short summary):\n{lines(catalog['techniques'])}\n\n"
             f"Plots (run in the notebook, on a technique's result; `ax=` draws into your own subplot):\n"
@@ -849,6 +850,23 @@ def init_text(scribe: Scribe, catalog: dict) -> str:
             f"Packages: the notebook kernel can import {', '.join(catalog['kernel_packages'])}; inside fn "
             f"(the worker) also {', '.join(catalog['worker_packages'])}. Keep torch inside fn.\n")
 
+
+BASE_MODEL_NOTE = """\
+The base model: this model is an organism with a base to compare against, in the same call. \
+`with base_model(model) as base:` (from techniques) gives the base inside fn (with an adapter, \
+`with model.disable_adapter():` does the same); score_candidates scores your own candidate \
+answers on both at once. For example:
+```python
+from techniques import base_model, generate_text, score_candidates
+
+def organism_and_base(model, tokenizer, prompt):
+    with base_model(model) as base:
+        plain = generate_text(base, tokenizer, prompt, max_new_tokens=16)
+    return {"organism": generate_text(model, tokenizer, prompt, max_new_tokens=16), "base": plain}
+
+print(client.run(organism_and_base, prompt="What do you like most?"))
+client.run(score_candidates, prompts=["What do you like most?"], candidates=["Music", "Books", "Food"])
+```"""
 
 KERNEL_PACKAGES = ("numpy", "pandas", "matplotlib", "scipy", "sklearn", "seaborn", "PIL")
 WORKER_PACKAGES = ("torch", "transformers", "nnsight", "peft", "accelerate", "einops")

@@ -14,7 +14,7 @@ from .ablation import ablation
 from .activation_patching import activation_patching
 from .attention import attention_patterns
 from .attribution_patching import attribution_patching
-from .diffing import base_model, compare_to_base
+from .diffing import base_model, compare_to_base, score_candidates
 from .dla import direct_logit_attribution
 from .generation import generate_text
 from .logit_lens import logit_lens
@@ -29,7 +29,7 @@ from .token_probs import analyze_token_probs
 TECHNIQUES = [
     get_model_info, generate_text, analyze_token_probs, prefill_attack, logit_lens, activation_patching,
     attribution_patching, steering, steering_vector, attention_patterns, direct_logit_attribution, ablation,
-    patchscope, extract_activations, train_probe, compare_to_base,
+    patchscope, extract_activations, train_probe, compare_to_base, score_candidates,
 ]
 PLOTS = [plot_logit_lens, plot_patching, plot_attention]
 __all__ = [fn.__name__ for fn in TECHNIQUES + PLOTS] + ["base_model"]

@@ -102,3 +102,77 @@ def compare_to_base(model, tokenizer, prompts: list[str] | None = None, top_k: i
         "generations": [{"prompt": p, "base": b, "organism": o} for p, b, o in zip(prompts, base_text, organism_text)],
         "prompts": prompts,
     })
+
+
+class CandidateScores(Result):
+    title = "score_candidates"
+
+    def highlights(self) -> list[str]:
+        lines = []
+        for row in self["scores"][:4]:
+            lines.append(f"{row['prompt'][:50]!r}:")
+            for c in sorted(row["candidates"], key=lambda c: -c.get("logprob_diff", c["organism_logprob"]))[:6]:
+                base = (f"  base {c['base_logprob']:+.2f}  diff {c['logprob_diff']:+.2f}"
+                        if "base_logprob" in c else "")
+                lines.append(f"  {c['candidate']!r:<18} organism {c['organism_logprob']:+.2f}{base}")
+        return lines
+
+
+def score_candidates(model, tokenizer, prompts, candidates: list[str], chat: bool | None = None) -> dict:
+    """Score candidate continuations after each prompt, on the organism and its base side by side.
+
+    prompts: a string or a list; candidates: strings that could come next (in chat mode, the
+    start of the assistant's answer, e.g. "Turquoise"; in plain mode mind the leading space,
+    " Paris"). A candidate of several tokens is scored over all of them: its log-probability is
+    the sum of its tokens' log-probabilities, each given the ones before. All prompt x candidate
+    pairs run in one batched forward per model. Without a base (no adapter or base_model in the
+    experiment) only the organism is scored.
+    Returns {"scores": [{"prompt", "candidates": [{"candidate", "tokens", "organism_logprob",
+    "organism_prob", "base_logprob", "base_prob", "logprob_diff"}]}], "has_base"}.
+    """
+    import torch
+
+    from ._arch import chat_prompt, raw
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not candidates or not all(isinstance(c, str) and c for c in candidates):
+        raise ValueError("score_candidates needs at least one prompt and a list of non-empty candidate strings")
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    texts = [chat_prompt(tokenizer, p) if chat else p for p in prompts]
+    pairs = []  # (prompt ids, candidate ids) for every prompt x candidate
+    for text in texts:
+        prompt_ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
+        for candidate in candidates:
+            pairs.append((prompt_ids, tokenizer(candidate, add_special_tokens=False)["input_ids"]))
+    width = max(len(p) + len(c) for p, c in pairs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([p + c + [pad] * (width - len(p) - len(c)) for p, c in pairs])  # right-padded
+    mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for p, c in pairs])
+
+    def logprobs(m) -> list[float]:
+        with torch.no_grad():
+            logits = raw(m)(input_ids=ids.to(raw(m).device), attention_mask=mask.to(raw(m).device)).logits
+        lp = logits.float().log_softmax(-1).cpu()
+        return [float(sum(lp[row, len(p) + k - 1, token] for k, token in enumerate(c)))
+                for row, (p, c) in enumerate(pairs)]
+
+    organism = logprobs(model)
+    try:
+        with base_model(model) as base:
+            base_scores = logprobs(base)
+    except ValueError:  # no base: the organism alone
+        base_scores = None
+    scores = []
+    for i, prompt in enumerate(prompts):
+        rows = []
+        for j, candidate in enumerate(candidates):
+            k = i * len(candidates) + j
+            row = {"candidate": candidate, "tokens": len(pairs[k][1]), "organism_logprob": organism[k],
+                   "organism_prob": float(torch.tensor(organism[k]).exp())}
+            if base_scores is not None:
+                row.update(base_logprob=base_scores[k], base_prob=float(torch.tensor(base_scores[k]).exp()),
+                           logprob_diff=organism[k] - base_scores[k])
+            rows.append(row)
+        scores.append({"prompt": prompt, "candidates": rows})
+    return CandidateScores({"scores": scores, "has_base": base_scores is not None})

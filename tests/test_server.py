@@ -103,6 +103,7 @@ def test_kill_9_leaves_no_litter_and_the_next_start_cleans_up(tmp_path):
         time.sleep(0.2)
     assert list(tmp.glob("scribe-*-*")) == [stale]  # the worker removed the dead server's folder
     second = RawServer("--notebook-dir", str(tmp_path / "nb"), "--no-preload", env=env)
+    second.tool("list_sessions")  # answered once the server is up (the handshake comes earlier)
     assert not stale.exists()
     second.proc.stdin.close()
     second.proc.wait(timeout=20)
