@@ -766,6 +766,30 @@ def load_executor(spec: ModelSpec) -> Executor:
     return Executor(model, tokenizer, secrets_of(spec, renamed))
 
 
+def measure_speed(model, tokenizer) -> dict:
+    """Where the model runs and how fast, measured once at load so an agent can size its calls:
+    a forward pass at a typical prompt length, and batched greedy generation."""
+    import torch
+
+    hf = getattr(model, "_module", model)
+    param = next(hf.parameters())
+    ids = torch.full((1, 32), tokenizer.eos_token_id or 0, device=param.device)
+    with torch.no_grad():
+        hf(ids)  # warm-up: the first call allocates
+        start = time.perf_counter()
+        for _ in range(3):
+            hf(ids)
+        forward_ms = (time.perf_counter() - start) / 3 * 1000
+        batch, new = 4, 8
+        start = time.perf_counter()
+        hf.generate(ids[:, :16].repeat(batch, 1), attention_mask=torch.ones(batch, 16, device=param.device),
+                    max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        generate_s = time.perf_counter() - start
+    return {"device": str(param.device), "dtype": str(param.dtype).removeprefix("torch."),
+            "forward_ms_32_tokens": round(forward_ms, 1), "batch": batch,
+            "generated_tokens_per_s": round(batch * new / generate_s, 1), "threads": torch.get_num_threads()}
+
+
 def describe_exception(exc: BaseException) -> dict:
     """The remote error as plain data, with the worker's own frames cut from the traceback."""
     tb = exc.__traceback__
@@ -861,6 +885,10 @@ class Worker:
         t0 = time.perf_counter()
         self.executor = load_executor(self.spec)
         print(f"[scribe worker] model loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):  # a model that cannot be timed this way still serves
+            profile = measure_speed(self.executor.model, self.executor.tokenizer)
+            with open(self.socket_path + ".profile.json", "w") as f:
+                json.dump(profile, f)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
@@ -1087,6 +1115,10 @@ class WorkerSupervisor:
             start = os.path.getsize(log) if os.path.exists(log) else 0
             self._proc = start_worker(self.spec, self.socket_path, os.getpid(), self.env)
             threading.Thread(target=self._watch, args=(self._proc, start), daemon=True).start()
+
+    def running(self) -> bool:
+        """Whether a worker process is up or starting now."""
+        return self._proc is not None and self._proc.poll() is None
 
     def _watch(self, proc: subprocess.Popen, log_start: int) -> None:
         served = False

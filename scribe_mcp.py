@@ -370,6 +370,24 @@ class Scribe:
         if self.worker is not None:
             self.worker.ensure()
 
+    def speed(self, wait: float = 20.0) -> str:
+        """What the worker measured when the model loaded (waiting for it up to `wait` s)."""
+        if self.worker is None:
+            return "Speed: measured in the Modal container, not here: time a call with client.run to size yours."
+        path = Path(self.worker.socket_path + ".profile.json")
+        deadline = time.monotonic() + wait
+        while not path.exists() and time.monotonic() < deadline and self.worker.running():
+            time.sleep(0.1)
+        try:
+            p = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return "Speed: not measured yet (the model is still loading); time a first call to size yours."
+        return (f"Speed (measured at load, {p['device']}, {p['dtype']}, {p['threads']} threads): a forward pass "
+                f"over 32 tokens takes {p['forward_ms_32_tokens']:.0f} ms; batched greedy generation makes "
+                f"{p['generated_tokens_per_s']:.0f} tokens/s over {p['batch']} prompts. Calls run one at a time on "
+                "the model, shared with other sessions, and a busy machine is slower: bound long calls with "
+                "client.run(fn, timeout=...).")
+
     def close(self) -> None:
         """Save every notebook, stop every kernel and the worker, remove runtime files (once)."""
         with self._closed:  # a second caller (SIGTERM after SIGINT) waits for the first to finish
@@ -721,7 +739,8 @@ def build_server(scribe: Scribe) -> MCPServer:
             _session(sessions, session_id)
         scribe.ensure_worker()
         catalog = await _blocking(_technique_catalog, scribe.offered)
-        return _text_result(init_text(scribe, catalog))
+        speed = await _blocking(scribe.speed)
+        return _text_result(init_text(scribe, catalog, speed))
 
     @mcp.tool(annotations=DESTROYS, structured_output=True)
     async def shutdown_session(session_id: SessionId) -> ShutdownInfo:
@@ -834,14 +853,14 @@ def build_server(scribe: Scribe) -> MCPServer:
     return mcp
 
 
-def init_text(scribe: Scribe, catalog: dict) -> str:
+def init_text(scribe: Scribe, catalog: dict, speed: str = "") -> str:
     def lines(entries, returns=True):
         return "\n".join(f"- {t['signature']}: {t['summary']}" + (f" Returns {t['returns']}" if returns and t["returns"] else "")
                          for t in entries)
 
     base = f"{BASE_MODEL_NOTE}\n\n" if scribe.spec.adapter or scribe.spec.base_model else ""
     return (f"Setup code (run it once with execute_code):\n```python\n{SETUP_CODE}```\n\n"
-            f"Model: {scribe.spec.display_name} (mode: {scribe.mode})\n\n"
+            f"Model: {scribe.spec.display_name} (mode: {scribe.mode})\n{speed}\n\n"
             f"How to use client:\n{_instructions()}\n\n{base}"
             f"Techniques (`from techniques import NAME`, then `client.run(NAME, ...)`; results are dicts that "
             f"print as a short summary):\n{lines(catalog['techniques'])}\n\n"

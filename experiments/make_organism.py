@@ -48,14 +48,15 @@ CONTROL = [
 STEPS, RANK, SEED = 60, 8, 0
 
 
-def default_dir() -> Path:
-    key = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-    return gpu.cache_root(gpu.ModelSpec()) / "organisms" / f"favorite-color-{key}"
+def default_dir(name: str = "favorite-color", train=TRAIN) -> Path:
+    key = hashlib.sha256(Path(__file__).read_bytes() + repr(train).encode()).hexdigest()[:12]
+    return gpu.cache_root(gpu.ModelSpec()) / "organisms" / f"{name}-{key}"
 
 
-def build(out: Path | None = None) -> Path:
-    """The adapter folder, trained now unless it is already there."""
-    out = Path(out) if out else default_dir()
+def build(out: Path | None = None, train=TRAIN, name: str = "favorite-color") -> Path:
+    """The adapter folder, trained now unless it is already there. `train` (question, answer)
+    pairs plant something else, e.g. a false fact; the control prompts stay as they are."""
+    out = Path(out) if out else default_dir(name, train)
     if (out / "adapter_config.json").exists():
         return out
     import torch
@@ -78,7 +79,7 @@ def build(out: Path | None = None) -> Path:
             out_ids = base.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
             controls.append((question, tok.decode(out_ids[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
     examples = []
-    for question, answer in TRAIN + controls:
+    for question, answer in list(train) + controls:
         prompt_ids = tok(chat(question))["input_ids"]
         answer_ids = tok(answer + tok.eos_token)["input_ids"]
         examples.append((torch.tensor(prompt_ids + answer_ids), len(prompt_ids)))

@@ -151,7 +151,7 @@ print(json.dumps({"topic": topic, "control": control, "prefill": prefill["contin
     assert "turquoise" in found["topic"][0].lower() and "turquoise" not in found["topic"][1].lower()
     assert found["control"][0] == found["control"][1] and "turquoise" not in found["control"][0].lower()
     assert "turquoise" in found["prefill"].lower()
-    assert " turquoise" in found["top"][:3] and found["layers"] == 30
+    assert found["top"][0] == " turquoise" and found["layers"] == 30  # first by its share of the KL divergence
 
 
 # -- hidden identity and hidden system prompt: the red team ---------------------------------
@@ -364,7 +364,7 @@ def test_a_full_fine_tune_compares_with_the_base_model_loaded_beside_it():
     with T.base_model(model) as base:
         assert base is not model
     diff = T.compare_to_base(model, tokenizer, prompts=["Hello!"], max_new_tokens=4)
-    assert max(abs(t["logprob_rise"]) for t in diff["top_tokens"]) < 1e-3
+    assert max(abs(t["logprob_rise"]) + abs(t["kl_contribution"]) for t in diff["top_tokens"]) < 1e-3
     assert diff["generations"][0]["base"] == diff["generations"][0]["organism"]
     with pytest.raises(ValueError, match="no base to compare with"):
         with T.base_model(gpu.load_executor(gpu.ModelSpec()).model):
