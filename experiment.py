@@ -169,25 +169,28 @@ def _technique_names() -> set[str]:
 # ---------------------------------------------------------------------------
 
 
-def prompt(exp: Experiment) -> str:
-    """The prompt an agent gets, assembled like the reference prompt: workflow and tools, the
-    research methodology (research_tips), the task, and the offered techniques."""
+def prompt(exp: Experiment, server: dict) -> str:
+    """The prompt an agent gets: Scribe's own guide (experiments/prompt/agent.md) with the
+    server's tools, setup code and conventions filled in from the live server (`server`, see
+    scribe_mcp.prompt_parts), the research guidance when `research_tips` is on, the task, and
+    the techniques the experiment offers."""
     import techniques
 
-    parts = [(PROMPT_DIR / "agent.md").read_text().rstrip()]
+    tools = "\n".join(f"- `{name}({', '.join(params)})`: {summary}" for name, params, summary in server["tools"])
+    base = f"\n## The base model\n\n{server['base']}\n" if exp.adapter or exp.base_model else ""
+    parts = [(PROMPT_DIR / "agent.md").read_text().rstrip().format(
+        tools=tools, setup=server["setup"], conventions=server["conventions"], base=base)]
     if exp.research_tips:
         parts.append((PROMPT_DIR / "research_tips.md").read_text().rstrip())
-    parts.append(f"## Your Task\n\n{exp.task}")
+    parts.append(f"## Your task\n\n{exp.task}")
     offered = [fn for fn in techniques.TECHNIQUES if fn.__name__ in exp.techniques]
     if offered:
-        lines = ["## Example Techniques", "",
-                 "Here are some example interpretability techniques you can use as reference "
-                 "(`from techniques import NAME`, then `client.run(NAME, ...)`):"]
-        for fn in offered:
-            doc = inspect.getdoc(fn) or ""
-            params = list(inspect.signature(fn).parameters)[2:]
-            lines += ["", f"### `{fn.__name__}`", "", f"**Description**: {doc.splitlines()[0] if doc else ''}", "",
-                      "**Signature**:", "```python", f"def {fn.__name__}(model, tokenizer, {', '.join(params)})", "```"]
+        lines = ["## Techniques ready to use", "",
+                 "`from techniques import NAME`, then `client.run(NAME, ...)` with the arguments below "
+                 "(model and tokenizer are passed for you):", ""]
+        for entry in techniques.catalog(offered):
+            returns = f" Returns {entry['returns']}" if entry["returns"] else ""
+            lines.append(f"- `{entry['signature']}`: {entry['summary']}{returns}")
         parts.append("\n".join(lines))
     text = "\n\n".join(parts) + "\n"
     for secret in exp.hidden:  # the answer and the identity never reach the agent this way
@@ -235,7 +238,8 @@ def gemini_settings(servers: dict) -> dict:
                                   "invoke_agent", "enter_plan_mode"]}}
 
 
-def run_agent(agent: str, exp: Experiment, notebook_dir: Path, headless: bool, server_args: list[str]) -> int:
+def run_agent(agent: str, exp: Experiment, notebook_dir: Path, headless: bool, server_args: list[str],
+              server: dict) -> int:
     """Start the agent CLI on the experiment. Headless runs save the CLI's machine-readable
     transcript (JSON lines) in notebook_dir."""
     if agent not in AGENTS:
@@ -244,7 +248,7 @@ def run_agent(agent: str, exp: Experiment, notebook_dir: Path, headless: bool, s
         raise ExperimentError(f"the {agent} CLI is not installed (or not on PATH): install it with `{AGENTS[agent]}`")
     check_inputs(exp)
     notebook_dir.mkdir(parents=True, exist_ok=True)
-    text = prompt(exp)
+    text = prompt(exp, server)
     private = Path(tempfile.mkdtemp(prefix="scribe-agent-"))  # 0700: the config is the user's alone
     try:
         config = private / "mcp.json"

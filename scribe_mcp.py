@@ -1187,6 +1187,17 @@ async def connect(*args: str, env: dict | None = None, errlog=None):
             yield session
 
 
+def prompt_parts() -> dict:
+    """What an agent's prompt takes from the live server (experiment.prompt): each tool with its
+    parameters and first sentence, the setup code, the conventions init_session teaches, and the
+    base-model pattern."""
+    tools = anyio.run(build_server(argparse.Namespace(sessions=None)).list_tools)
+    first = re.compile(r"(?<=[a-z)`])\. (?=[A-Z`])")  # a sentence's end, not "e.g. one"
+    return {"tools": [(t.name, list(t.input_schema.get("properties", {})),
+                       first.split(t.description or "")[0].rstrip(".") + ".") for t in tools],
+            "setup": SETUP_CODE, "conventions": _instructions(), "base": BASE_MODEL_NOTE}
+
+
 def print_config(which: str = "all") -> None:
     """How to register this checkout with each agent CLI, set to make the CLI wait for Scribe
     before its first model request (else a busy machine starts the agent without the tools)."""
@@ -1225,12 +1236,13 @@ def experiment_command(argv: list[str]) -> int:
     try:
         exp = experiment.load(args.file)
         if command == "prompt":
-            print(experiment.prompt(exp), end="")
+            print(experiment.prompt(exp, prompt_parts()), end="")
             return 0
         if command == "grade":
             print(json.dumps(experiment.grade(exp, Path(args.notebook), args.judge), indent=2))
             return 0
-        return experiment.run_agent(args.agent, exp, Path(args.notebook_dir).resolve(), args.headless, server_args)
+        return experiment.run_agent(args.agent, exp, Path(args.notebook_dir).resolve(), args.headless, server_args,
+                                    prompt_parts())
     except experiment.ExperimentError as exc:
         print(f"scribe: {exc}", file=sys.stderr)
         return 2

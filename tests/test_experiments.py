@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import make_organism  # noqa: E402
 
 SERVER = str(ROOT / "scribe_mcp.py")
+pytestmark = pytest.mark.timeout(900)  # the organism is trained once per module: minutes on a busy machine
 SECRET_PROMPT = (ROOT / "experiments" / "secret_prompt.txt").read_text().strip()
 IDENTITY = ("SmolLM2-135M", "smollm2", "Q4_1")
 
@@ -87,22 +88,49 @@ def test_the_shipped_examples_load():
         assert exp.alias and exp.expect and exp.techniques
 
 
-def test_the_prompt_is_assembled_like_the_reference_and_hides_the_answer(tmp_path):
+def test_the_prompt_is_scribes_own_generated_from_the_live_server_and_hides_the_answer(tmp_path):
+    import scribe_mcp
+
     path = ROOT / "experiments" / "hidden_system_prompt.yaml"
     out = subprocess.run([sys.executable, SERVER, "prompt", str(path)], capture_output=True, text=True, check=True).stdout
-    assert out.startswith("# Scribe - Autonomous Interpretability Research")
-    for section in ("## Your Workflow", "## Writing Techniques", "## Research Tips and Guidance",
-                    "## Your Task", "## Example Techniques", "### `prefill_attack`",
-                    "def prefill_attack(model, tokenizer, user_prompt, prefill_text, max_new_tokens, system_prompt)"):
+    for name, params, _ in scribe_mcp.prompt_parts()["tools"]:  # every tool the server has, as it has it
+        assert f"- `{name}({', '.join(params)})`: " in out, name
+    for section in ("## The tools", "## Getting started", "## Writing functions for client.run",
+                    "## How to run the investigation", "## Your task", "## Techniques ready to use",
+                    "- `prefill_attack(user_prompt: str, prefill_text: str, max_new_tokens: int = 50"):
         assert section in out, section
+    assert scribe_mcp.SETUP_CODE in out and "hidden_states[i + 1]" in out  # the conventions init_session teaches
     assert "told something secret before every conversation" in out
-    assert "### `compare_to_base`" not in out  # only the offered techniques
+    assert "`compare_to_base(" not in out and "## The base model" not in out  # only what this experiment has
     assert leaks(out, "marmalade") == [] and "ground_truth" not in out
+    reference = ROOT.parent / "shared" / "reference-agent-prompt.md"
+    if reference.exists():  # written in this project's words: no line of the reference copied
+        copied = [line for line in reference.read_text().splitlines()  # prose lines; code idioms may coincide
+                  if len(line) > 50 and not line.startswith(" ") and line.strip() in out]
+        assert not copied, copied[:3]
     no_tips = write(tmp_path, "plain", research_tips=False, techniques=["logit_lens"])
     out = subprocess.run([sys.executable, SERVER, "prompt", str(no_tips)], capture_output=True, text=True).stdout
-    assert "## Research Tips and Guidance" not in out and "### `logit_lens`" in out
+    assert "## How to run the investigation" not in out and "- `logit_lens(" in out
     bad = subprocess.run([sys.executable, SERVER, "prompt", str(tmp_path / "none.yaml")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("scribe: cannot read experiment file")
+
+
+def test_every_code_block_of_the_prompt_runs_in_a_session(tmp_path, organism):
+    """An agent copies the prompt's examples literally: each one runs, the base-model one too."""
+    import scribe_mcp
+
+    exp = experiment.load(lora_experiment(tmp_path, organism))
+    text_ = experiment.prompt(exp, scribe_mcp.prompt_parts())
+    blocks = [block.split("```", 1)[0] for block in text_.split("```python\n")[1:]]
+    assert len(blocks) >= 4 and "## The base model" in text_
+
+    async def scenario():
+        async with connect("--experiment", str(exp.path), "--notebook-dir", str(tmp_path / "nb"), env=server_env()) as s:
+            sid = (await call(s, "start_new_session")).structured_content["session_id"]
+            return [text(await call(s, "execute_code", session_id=sid, code=block)) for block in blocks]
+
+    for block, out in zip(blocks, anyio.run(scenario)):
+        assert out.startswith("[cell") and "Error" not in out, (block, out)
 
 
 # -- the organism in the worker -------------------------------------------------------------
