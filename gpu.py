@@ -1380,6 +1380,7 @@ class LocalBackend:
         self.worker_pid: int | None = None
         self.model_name = spec.display_name if spec else os.environ.get(ENV_NAME, "the server's model")
         self._ids = 0
+        self._in_flight: int | None = None  # the call now sent (a Job's cancel() interrupts it)
 
     def connect(self) -> None:
         if self.sock is not None and not _peer_closed(self.sock):
@@ -1409,11 +1410,29 @@ class LocalBackend:
         for _ in range(5):
             self.connect()
             self._ids += 1
-            reply = self._call_once(self._ids, payload, timeout, on_output)
+            self._in_flight = self._ids
+            try:
+                reply = self._call_once(self._ids, payload, timeout, on_output)
+            finally:
+                self._in_flight = None
             if reply is not None:
                 return reply
             self.close()  # never started: the next worker gets it
         raise WorkerDiedError("the model worker kept restarting before the call could start")
+
+    def cancel(self) -> bool:
+        """Interrupt the call in flight from another thread (its reply says it was cancelled)."""
+        call_id, sock = self._in_flight, self.sock
+        if call_id is None or sock is None:
+            return False
+        with contextlib.suppress(OSError):
+            send_msg(sock, {"op": "cancel", "id": call_id})
+            return True
+        return False
+
+    def fork(self, label: str) -> LocalBackend:
+        """A second connection to the same worker, for calls made while this one is busy."""
+        return LocalBackend(self.spec, self.socket_path, self.owner_pid, who=f"{self.who or 'a notebook'} ({label})")
 
     def _call_once(self, call_id: int, payload: bytes, timeout: float, on_output) -> Reply | None:
         started = False
@@ -1576,11 +1595,89 @@ class InterpClient:
             raise TimeoutError(reply["message"])
         raise remote_exception(reply)
 
+    def submit(self, fn: Callable, *args, timeout: float | None = None, **kwargs) -> Job:
+        """Start fn(model, tokenizer, ...) in the background and return a Job at once.
+
+        The notebook stays free: run other cells, then `job.done()`, `job.progress`,
+        `job.result(timeout=...)` or `job.cancel()`. The model still runs one call at a time,
+        so a client.run made while a job runs waits until the job's call is over (its cell says
+        whose call it waits for). What fn prints is kept in `job.output`.
+        """
+        if not callable(fn):
+            raise TypeError(f"client.submit needs a function as its first argument, got {type(fn).__name__}")
+        backend = self.backend.fork("background job") if isinstance(self.backend, LocalBackend) else self.backend
+        return Job(backend, getattr(fn, "__name__", "fn"), dumps_call(fn, args, kwargs),
+                   self.timeout if timeout is None else timeout)
+
     def close(self) -> None:
         self.backend.close()
 
     def __repr__(self) -> str:
         return f"<InterpClient mode={self.mode} model={self.model_name!r}>"
+
+
+class Job:
+    """A client.run in the background (see InterpClient.submit)."""
+
+    def __init__(self, backend, name: str, payload: bytes, timeout: float):
+        self.name, self.output = name, ""
+        self._backend, self._started = backend, time.monotonic()
+        self._finished: float | None = None
+        self._reply: dict | None = None
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(payload, timeout), daemon=True, name=f"job-{name}").start()
+
+    def _run(self, payload: bytes, timeout: float) -> None:
+        def keep(stream: str, text: str) -> None:
+            self.output += text
+
+        try:
+            self._reply = self._backend.call(payload, timeout, keep)
+        except BaseException as exc:  # noqa: BLE001 - raised again by result()
+            self._error = exc
+        finally:
+            self._finished = time.monotonic()
+            if isinstance(self._backend, LocalBackend):  # the job's own connection (Modal's is shared)
+                self._backend.close()
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The call's value once it is done (waiting up to `timeout` seconds; None: as long as it
+        takes). Raises what the call raised, or TimeoutError if it is still running then."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"job {self.name} is still running after {timeout:g}s more; {self.progress}")
+        if self._error is not None:
+            raise self._error
+        reply = self._reply
+        if reply["ok"]:
+            return loads_result(reply["value"])
+        if reply.get("cancelled"):
+            raise TimeoutError("job cancelled" if self._cancelled else reply["message"])
+        raise remote_exception(reply)
+
+    def cancel(self) -> bool:
+        """Interrupt the job's call (or drop it if it is still waiting for the model). False if it
+        was already done or cannot be interrupted (Modal)."""
+        if self.done() or not isinstance(self._backend, LocalBackend):
+            return False
+        self._cancelled = True
+        return self._backend.cancel()
+
+    @property
+    def progress(self) -> str:
+        """What the job is doing: running or done, for how long, and the last line it printed."""
+        end = self._finished or time.monotonic()
+        state = ("cancelled" if self._cancelled else "done") if self.done() else "running"
+        last = self.output.strip().splitlines()[-1:] if self.output.strip() else []
+        return f"{state} after {end - self._started:.1f}s" + (f"; last output: {last[0][-200:]}" if last else "")
+
+    def __repr__(self) -> str:
+        return f"<Job {self.name}: {self.progress}>"
 
 
 _DEFAULT_OPTIONS = {"device": "auto", "dtype": "auto", "adapter": "", "attn_implementation": "eager"}

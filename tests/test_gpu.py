@@ -429,3 +429,38 @@ print(client.run(taught, text="The capital of France is"))
     out = run_ok(kernel_session, code)
     assert ("([1, 5, 576], 3, [[1, 5, 576], [1, 5, 576], [1, 5, 576]], [1, 5, 49152], ' Paris.\\n', 31, True, True)"
             in out), out
+
+
+def test_a_background_job_keeps_the_notebook_free_and_can_be_collected_or_cancelled(kernel_session):
+    """client.submit: the cell returns at once, other cells run, the model still takes one call at a
+    time, and the job can be polled, collected, or cancelled (the worker stays usable)."""
+    run_ok(kernel_session, '''
+def counting(model, tokenizer, n):
+    import time
+    for i in range(n):
+        print("step", i, flush=True)
+        time.sleep(0.3)
+    return f"counted to {n}"
+
+def forever(model, tokenizer):
+    import time
+    while True:
+        time.sleep(0.05)
+''')
+    started = run_ok(kernel_session, "job = client.submit(counting, n=8)\nprint(job.done(), repr(job)[:12])")
+    assert started.strip() == "False <Job countin", started
+    assert run_ok(kernel_session, "1 + 1").strip().endswith("]: 2")  # the notebook is free meanwhile
+    queued = run_ok(kernel_session, "print(client.run(lambda model, tokenizer: 'after the job'))")
+    assert "after the job" in queued  # waited for the job's call: one at a time on the model
+    out = run_ok(kernel_session, "print(job.result(timeout=60), job.done())\nprint(job.progress)\nprint(job.output.count('step'))")
+    lines = out.strip().splitlines()
+    assert lines[0] == "counted to 8 True" and lines[1].startswith("done after ") and "step 7" in lines[1]
+    assert lines[2] == "8"
+    out = run_ok(kernel_session, "stuck = client.submit(forever)\nimport time\ntime.sleep(1)\n"
+                                 "print(stuck.cancel())\ntry:\n    stuck.result(timeout=30)\nexcept TimeoutError as e:\n"
+                                 "    print('raised:', e)\nprint(stuck.progress.split()[0])\n"
+                                 "print(client.run(lambda model, tokenizer: 'still warm'))")
+    assert out.strip().splitlines() == ["True", "raised: job cancelled", "cancelled", "still warm"], out
+    waiting = run_ok(kernel_session, "slow = client.submit(counting, n=20)\ntry:\n    slow.result(timeout=0.5)\n"
+                                     "except TimeoutError as e:\n    print('not yet:', e)\nslow.cancel()")
+    assert "not yet: job counting is still running after 0.5s more; running after" in waiting, waiting
