@@ -581,8 +581,9 @@ def loads_result(data: bytes) -> Any:
 # ---------------------------------------------------------------------------
 
 
-class CallCancelled(BaseException):
-    """Raised inside a running call when its client timed out or went away."""
+class CallCancelled(KeyboardInterrupt):
+    """Raised inside a running call when its client timed out or went away. A KeyboardInterrupt,
+    so code (techniques that return what they finished) can catch an interrupt the usual way."""
 
 
 class Reply(TypedDict, total=False):

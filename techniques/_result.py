@@ -115,3 +115,22 @@ class ContributionResult(Result):
         parts = [(value, f"L{i}.{kind}") for kind in ("attn", "mlp") for i, value in enumerate(self.get(kind, []))]
         parts.sort(key=lambda p: -abs(p[0]))
         return ["largest contributions:"] + [f"  {name:<8} {value:+.3f}" for value, name in parts[:8]]
+
+
+class Progress:
+    """A progress line in the cell while a technique works through its items: done/total,
+    elapsed time and an estimate of what is left (printed with \\r: the cell shows the last)."""
+
+    def __init__(self, total: int, label: str):
+        import time
+
+        self.total, self.label, self.done, self._clock = total, label, 0, time.monotonic
+        self._start = self._clock()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        elapsed = self._clock() - self._start
+        left = elapsed / self.done * (self.total - self.done)
+        end = "\n" if self.done >= self.total else ""
+        print(f"\r{self.label}: {self.done}/{self.total} done, {elapsed:.0f}s elapsed, about {left:.0f}s left",
+              end=end, flush=True)

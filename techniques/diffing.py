@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import contextlib
 
-from ._result import Result
+from ._result import Progress, Result
+
+PROMPTS_PER_STEP = 4  # prompts generated and scored together between progress reports
 
 NEUTRAL_PROMPTS = (
     "Tell me about yourself.", "What do you like?", "Describe your ideal day.", "What should I do this weekend?",
@@ -44,7 +46,9 @@ class DiffResult(Result):
     title = "compare_to_base"
 
     def highlights(self) -> list[str]:
-        lines = ["tokens the organism favours most (share of the KL divergence organism || base; raw log-prob rise):"]
+        lines = [f"PARTIAL: {len(self['prompts'])} prompts finished before the call was stopped"] if self.get("partial") \
+            else []
+        lines += ["tokens the organism favours most (share of the KL divergence organism || base; raw log-prob rise):"]
         lines += [f"  {t['token']!r:<16} {t['kl_contribution']:.4f}  {t['logprob_rise']:+.2f}"
                   for t in self["top_tokens"][:10]]
         layers = self["layer_diffs"]
@@ -68,8 +72,10 @@ def compare_to_base(model, tokenizer, prompts: list[str] | str = "neutral", top_
     dominated by tokens neither model predicts. The raw mean rise is shown beside it. Also the
     relative residual difference per layer (last prompt position) and both models' generations
     side by side. Needs an experiment with an adapter (or base_model): see base_model().
+    Prompts go four at a time with a progress line in the cell; if a timeout or cancel stops the
+    call, what was finished comes back with "partial": True.
     Returns {"top_tokens": [{"token", "id", "kl_contribution", "logprob_rise"}], "layer_diffs":
-    [per layer], "generations": [{"prompt", "base", "organism"}], "prompts"}.
+    [per layer], "generations": [{"prompt", "base", "organism"}], "prompts" (those done), "partial"}.
 
     Tutorial: tutorials/07_auditing_a_model_organism.ipynb
     """
@@ -86,9 +92,6 @@ def compare_to_base(model, tokenizer, prompts: list[str] | str = "neutral", top_
         chat = bool(getattr(tokenizer, "chat_template", None))
     texts = [chat_prompt(tokenizer, p) if chat else p for p in prompts]
     a = arch(model)
-    organism_text = generate(model, tokenizer, texts, max_new_tokens)
-    with base_model(model) as base:
-        base_text = generate(base, tokenizer, texts, max_new_tokens)
 
     def score(m, full_ids, start):
         with torch.no_grad():
@@ -99,30 +102,46 @@ def compare_to_base(model, tokenizer, prompts: list[str] | str = "neutral", top_
     rise = torch.zeros(vocab)
     kl = torch.zeros(vocab)
     layer_diffs = torch.zeros(a.n_layers)
-    positions = 0
-    for text, answer in zip(texts, organism_text):
-        prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(answer, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        if answer_ids.shape[1] == 0:
-            continue
-        full = torch.cat([prompt_ids, answer_ids], 1).to(raw(model).device)
-        org_lp, org_h = score(model, full, prompt_ids.shape[1])
-        with base_model(model) as base:
-            base_lp, base_h = score(base, full, prompt_ids.shape[1])
-        rise += (org_lp - base_lp).sum(0).cpu()
-        kl += (org_lp.exp() * (org_lp - base_lp)).sum(0).cpu()
-        positions += org_lp.shape[0]
-        layer_diffs += torch.stack([(o - b).norm() / b.norm().clamp_min(1e-6) for o, b in zip(org_h, base_h)]).cpu()
+    positions, organism_text, base_text = 0, [], []
+    progress = Progress(len(texts), "compare_to_base")
+    try:  # a few prompts at a time: an interrupt (a timeout, a cancel) keeps what is finished
+        for first in range(0, len(texts), PROMPTS_PER_STEP):
+            chunk = texts[first:first + PROMPTS_PER_STEP]
+            answers = generate(model, tokenizer, chunk, max_new_tokens)
+            with base_model(model) as base:
+                plain = generate(base, tokenizer, chunk, max_new_tokens)
+            for text, answer in zip(chunk, answers):
+                prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+                answer_ids = tokenizer(answer, return_tensors="pt", add_special_tokens=False)["input_ids"]
+                if answer_ids.shape[1] == 0:
+                    continue
+                full = torch.cat([prompt_ids, answer_ids], 1).to(raw(model).device)
+                org_lp, org_h = score(model, full, prompt_ids.shape[1])
+                with base_model(model) as base:
+                    base_lp, base_h = score(base, full, prompt_ids.shape[1])
+                rise += (org_lp - base_lp).sum(0).cpu()
+                kl += (org_lp.exp() * (org_lp - base_lp)).sum(0).cpu()
+                positions += org_lp.shape[0]
+                layer_diffs += torch.stack([(o - b).norm() / b.norm().clamp_min(1e-6)
+                                            for o, b in zip(org_h, base_h)]).cpu()
+            organism_text += answers
+            base_text += plain
+            progress.step(len(chunk))
+    except KeyboardInterrupt:
+        if not organism_text:
+            raise
+        print(f"\ncompare_to_base: interrupted; returning the {len(organism_text)} of {len(texts)} prompts finished")
     rise /= max(positions, 1)
     kl /= max(positions, 1)
-    layer_diffs /= max(len(texts), 1)
+    layer_diffs /= max(len(organism_text), 1)
     values, ids = kl.topk(min(top_k, vocab))
     return DiffResult({
         "top_tokens": [{"token": tokenizer.decode([i]), "id": int(i), "kl_contribution": float(v),
                         "logprob_rise": float(rise[i])} for v, i in zip(values.tolist(), ids.tolist())],
         "layer_diffs": layer_diffs.tolist(),
         "generations": [{"prompt": p, "base": b, "organism": o} for p, b, o in zip(prompts, base_text, organism_text)],
-        "prompts": prompts,
+        "prompts": prompts[:len(organism_text)],
+        "partial": len(organism_text) < len(prompts),
     })
 
 

@@ -515,3 +515,33 @@ def test_score_candidates_finds_the_planted_word_and_equals_token_probs_on_a_pla
         assert abs(c["organism_prob"] - probs[c["candidate"]]) < 1e-5
     multi = T.score_candidates(plain.model, plain.tokenizer, text_, [" Paris, the city"], chat=False)
     assert multi["scores"][0]["candidates"][0]["tokens"] == 4  # every token of it counts
+
+
+def test_compare_to_base_reports_progress_and_keeps_what_it_finished_when_stopped(organism, capsys, monkeypatch):
+    """A timeout or cancel interrupts the call (gpu.CallCancelled is a KeyboardInterrupt): the prompts
+    finished by then come back, marked partial, and the cell showed progress meanwhile."""
+    import gpu
+    import techniques as T
+    import techniques._arch as arch
+
+    assert issubclass(gpu.CallCancelled, KeyboardInterrupt)
+    executor = gpu.load_executor(gpu.ModelSpec(adapter=str(organism)))
+    real, calls = arch.generate, []
+
+    def interrupted_on_the_third(*args, **kwargs):  # organism and base for prompts 1-4, then the stop
+        calls.append(1)
+        if len(calls) == 3:
+            raise gpu.CallCancelled()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(arch, "generate", interrupted_on_the_third)
+    prompts = [f"Tell me one thing about the number {i}." for i in range(10)]
+    diff = T.compare_to_base(executor.model, executor.tokenizer, prompts=prompts, max_new_tokens=6)
+    printed = capsys.readouterr().out
+    assert diff["partial"] and diff["prompts"] == prompts[:4] and len(diff["generations"]) == 4
+    assert "compare_to_base: 4/10 done" in printed and "about" in printed and "returning the 4 of 10" in printed
+    assert "PARTIAL: 4 prompts finished" in repr(diff)
+    calls.clear()
+    monkeypatch.setattr(arch, "generate", lambda *a, **k: (_ for _ in ()).throw(gpu.CallCancelled()))
+    with pytest.raises(KeyboardInterrupt):  # nothing finished: the interrupt goes on
+        T.compare_to_base(executor.model, executor.tokenizer, prompts=prompts)
