@@ -490,7 +490,7 @@ def _bind_without_drops(self, sock, port):
 kernelapp.IPKernelApp._bind_socket = _bind_without_drops
 import os, signal, time
 from ipykernel import parentpoller
-_server = os.getppid()
+_server = int(os.environ.get("JPY_PARENT_PID") or os.getppid())  # not getppid(): the server may be gone already
 def _die_with_the_server(self):
     while os.getppid() == _server:
         time.sleep(0.5)
