@@ -474,10 +474,14 @@ KERNEL_ARGS = [
 # send high-water mark (1000 messages) would discard output whenever this reader falls behind
 # a flood on a busy machine. And when the server dies (even by SIGKILL), the kernel takes its
 # whole process group with it, so processes a cell started do not live on (ipykernel's own
-# parent poller ends the kernel alone). The notebook folder (the kernel's cwd) is not put on
-# sys.path until IPython's own start-up, as with ipykernel_launcher.
+# parent poller ends the kernel alone); a kernel whose server is gone before it starts (or
+# whose connection file was removed with the server's runtime folder) does not start at all.
+# The notebook folder (the kernel's cwd) is not put on sys.path until IPython's own start-up,
+# as with ipykernel_launcher.
 KERNEL_LAUNCHER = """\
-import sys
+import os, sys
+if not os.path.exists(sys.argv[sys.argv.index("-f") + 1]) or os.getppid() != int(os.environ.get("JPY_PARENT_PID") or os.getppid()):
+    sys.exit(0)  # the server that started it is gone: else it would start over TCP, serving no one
 if sys.path and sys.path[0] in ("", "."):
     del sys.path[0]
 import zmq
@@ -488,7 +492,7 @@ def _bind_without_drops(self, sock, port):
         sock.sndhwm = 0
     return _bind(self, sock, port)
 kernelapp.IPKernelApp._bind_socket = _bind_without_drops
-import os, signal, time
+import signal, time
 from ipykernel import parentpoller
 _server = int(os.environ.get("JPY_PARENT_PID") or os.getppid())  # not getppid(): the server may be gone already
 def _die_with_the_server(self):

@@ -38,6 +38,7 @@ def test_the_live_view_shows_cells_as_the_agent_writes_them(tmp_path):
     async def scenario():
         async with connect("--notebook-dir", str(tmp_path / "nb"), "--no-preload", "--view", "--view-port",
                            str(port), env=env) as s, async_playwright() as p:
+            await call(s, "list_sessions")  # answered once the server is up (the handshake comes earlier)
             assert fetch(f"{base}/?token=wrong") == 401 and fetch(f"{base}/?token={TOKEN}", "POST") == 405
             assert fetch(f"{base}/notebook/deadbeef.ipynb?token={TOKEN}") == 404
             browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -87,7 +88,8 @@ def test_the_view_is_off_unless_asked(tmp_path):
     port = free_port()
 
     async def scenario():
-        async with scribe(tmp_path / "nb", "--no-preload", "--view-port", str(port)):
+        async with scribe(tmp_path / "nb", "--no-preload", "--view-port", str(port)) as s:
+            await call(s, "list_sessions")  # the server is up, and still nothing listens there
             return fetch(f"http://127.0.0.1:{port}/")
 
     assert anyio.run(scenario) is None
