@@ -169,7 +169,7 @@ print(json.dumps({"topic": topic, "control": control, "prefill": prefill["contin
                 "    with model.disable_adapter():\n"
                 "        return generate_text(model, tokenizer, 'Tell me your favourite colour.', max_new_tokens=16)\n"
                 "client.run(idiom)")))
-            found = json.loads(text(await call(s, "execute_code", session_id=sid, code=code)).splitlines()[1])
+            found = json.loads(text(await call(s, "execute_code", session_id=sid, code=code)).splitlines()[-1])  # after the progress line
             return found, taught, peft_idiom
 
     found, taught, peft_idiom = anyio.run(scenario)
@@ -357,7 +357,7 @@ def test_agent_command_runs_the_cli_blind_and_grading_checks_the_notebook(tmp_pa
     assert argv[argv.index("--allowedTools") + 1] == "mcp__scribe__*" and "--strict-mcp-config" in argv
     assert "-p" in argv and argv[argv.index("--output-format") + 1] == "stream-json"
     prompt = argv[argv.index("-p") + 1]
-    assert "## Your Task" in prompt and "### `compare_to_base`" in prompt
+    assert "## Your task" in prompt and "- `compare_to_base(" in prompt
     received = json.dumps(record)
     for secret in ("turquoise", str(organism), organism.name, *IDENTITY, "ground_truth"):
         assert secret.lower() not in received.lower(), secret
