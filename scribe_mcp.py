@@ -373,7 +373,7 @@ class Scribe:
         if self.worker is not None:
             self.worker.ensure()
 
-    def speed(self, wait: float = 20.0) -> str:
+    def speed(self, wait: float = 60.0) -> str:
         """What the worker measured when the model loaded (waiting for it up to `wait` s)."""
         if self.worker is None:
             return "Speed: measured in the Modal container, not here: time a call with client.run to size yours."
