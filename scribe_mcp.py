@@ -72,7 +72,7 @@ class EarlyWire:
     def __init__(self, wire: tuple[int, int], listing: dict):
         self.wire, self.listing = wire, listing
         self.forward: list[bytes] = []  # lines for the SDK, in order
-        self.answered: set = set()  # request ids already answered here: the SDK's answers are dropped
+        self.answered: set = set()  # ids answered here AND forwarded (initialize): the SDK's answer is dropped
         self.version: str | None = None
         self.buffer, self.eof, self._stop = b"", False, threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True, name="scribe-early-wire")
@@ -101,6 +101,7 @@ class EarlyWire:
             asked = (request.get("params") or {}).get("protocolVersion")
             self.version = asked if asked in self.listing["versions"] else self.listing["latest"]
             self._answer(request_id, self.listing["versions"][self.version]["initialize"])
+            self.answered.add(json.dumps(request_id))  # replayed to the SDK, which answers it again
         elif method == "tools/list" and request_id is not None and self.version is not None \
                 and not (request.get("params") or {}).get("cursor"):
             self._answer(request_id, self.listing["versions"][self.version]["tools/list"])
@@ -111,7 +112,6 @@ class EarlyWire:
         data = json.dumps({"jsonrpc": "2.0", "id": request_id, "result": result}).encode() + b"\n"
         while data:
             data = data[os.write(self.wire[1], data):]
-        self.answered.add(json.dumps(request_id))
 
     def handoff(self) -> tuple[bytes, set, bool]:
         """Stop reading; what the SDK must read first, the ids answered here, and whether the wire ended."""
