@@ -71,6 +71,9 @@ DEFAULT_CALL_TIMEOUT = float(os.environ.get("SCRIBE_CALL_TIMEOUT", "600"))
 WORKER_START_TIMEOUT = float(os.environ.get("SCRIBE_WORKER_START_TIMEOUT", "600"))
 # How long a timed-out call gets to react to the interrupt before the worker is killed.
 CANCEL_GRACE = 5.0
+# How long an interrupted notebook waits for the call's answer (a technique's partial result);
+# below the kernel's own grace before it is restarted.
+INTERRUPTED_WAIT = 3.0
 # A call queued behind another session's for this long says so in its cell (shorter waits are
 # normal when sessions take turns, and would only add noise).
 QUEUE_NOTICE = 1.0
@@ -1382,6 +1385,7 @@ class LocalBackend:
         self.model_name = spec.display_name if spec else os.environ.get(ENV_NAME, "the server's model")
         self._ids = 0
         self._in_flight: int | None = None  # the call now sent (a Job's cancel() interrupts it)
+        self.interrupted: Reply | None = None  # the answer of a call the notebook interrupted
 
     def connect(self) -> None:
         if self.sock is not None and not _peer_closed(self.sock):
@@ -1408,6 +1412,7 @@ class LocalBackend:
             self.sock = None
 
     def call(self, payload: bytes, timeout: float, on_output: Callable[[str, str], None]) -> Reply:
+        self.interrupted = None
         for _ in range(5):
             self.connect()
             self._ids += 1
@@ -1467,12 +1472,12 @@ class LocalBackend:
                     return msg
             # Timed out: interrupt the call; a call that ignores it makes the worker restart itself.
             send_msg(self.sock, {"op": "cancel", "id": call_id})
-            while (msg := self._recv(time.monotonic() + CANCEL_GRACE + 5)) is not None:
-                if msg.get("id") == call_id and msg["op"] == "result":
-                    if msg.get("cancelled") and not msg.get("message", "").startswith("the call did not stop"):
-                        msg["message"] = (f"the call timed out after {timeout:g}s and was interrupted; "
-                                          "the worker is ready for the next call")
-                    return msg
+            msg = self._result_of(call_id, CANCEL_GRACE + 5, on_output)
+            if msg is not None:
+                if msg.get("cancelled") and not msg.get("message", "").startswith("the call did not stop"):
+                    msg["message"] = (f"the call timed out after {timeout:g}s and was interrupted; "
+                                      "the worker is ready for the next call")
+                return msg
             self._kill_worker()  # not even the worker's own watchdog ran: it is wedged
             raise TimeoutError(f"the call timed out after {timeout:g}s and the worker did not respond; "
                                "it was killed and a fresh one starts on the next call")
@@ -1485,10 +1490,22 @@ class LocalBackend:
                 f"memory: {exc}). A fresh worker starts on the next call."
             ) from None
         except KeyboardInterrupt:  # Ctrl-C / kernel interrupt in the notebook
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, KeyboardInterrupt):
                 send_msg(self.sock, {"op": "cancel", "id": call_id})
+                if started:  # a technique stopped this way answers with what it finished: keep it
+                    self.interrupted = self._result_of(call_id, INTERRUPTED_WAIT, on_output)
             self.close()  # a fresh connection next time: no stale replies to skip
             raise
+
+    def _result_of(self, call_id: int, wait: float, on_output) -> Reply | None:
+        """The cancelled call's result (with what it still prints), or None after `wait` seconds."""
+        deadline = time.monotonic() + wait
+        while (msg := self._recv(deadline)) is not None:
+            if msg.get("id") == call_id and msg["op"] == "out":
+                on_output(msg["stream"], msg["text"])
+            elif msg.get("id") == call_id and msg["op"] == "result":
+                return msg
+        return None
 
     def _recv(self, deadline: float | None) -> dict | None:
         """The next message, or None once the deadline (if any) has passed."""
@@ -1562,6 +1579,7 @@ class InterpClient:
         if modal_options and self.mode != "modal":
             raise TypeError(f"{sorted(modal_options)} only apply to mode='modal'")
         self.timeout = timeout
+        self.partial: Any = None  # the result of the last call a cell interrupt stopped, if it returned one
         self._lock = threading.Lock()
         options = {"device": device, "dtype": dtype, "adapter": adapter, "attn_implementation": attn_implementation}
         self.backend = _make_backend(self.mode, model, options, dry_run, modal_options)
@@ -1589,7 +1607,14 @@ class InterpClient:
         payload = dumps_call(fn, args, kwargs)
         limit = self.timeout if timeout is None else timeout
         with self._lock:
-            reply = self.backend.call(payload, limit, _print_to)
+            try:
+                reply = self.backend.call(payload, limit, _print_to)
+            except KeyboardInterrupt:  # the cell was interrupted: keep what the call finished
+                kept = getattr(self.backend, "interrupted", None)
+                if kept is not None and kept["ok"]:
+                    self.partial = loads_result(kept["value"])
+                    _print_to("stderr", "\n[client.run: interrupted; what the call had finished is in client.partial]\n")
+                raise
         if reply["ok"]:
             return loads_result(reply["value"])
         if reply.get("cancelled"):

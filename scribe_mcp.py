@@ -227,7 +227,8 @@ being the embeddings, so layer i's output is `hidden_states[i + 1]`. In transfor
 `["input_ids"]`, or pass `return_dict=False` for the list of ids. Return plain values (str, numbers, \
 lists, dicts); tensors come back as numpy arrays. What `fn` prints shows in the cell; its \
 exceptions are raised in the cell with the worker's traceback; `client.run(fn, timeout=60, \
-...)` bounds a call. A long call can run in the background: `job = client.submit(fn, ...)` \
+...)` bounds a call; a technique stopped by a timeout returns what it finished, marked partial, \
+and when the cell itself is interrupted that result is kept in `client.partial`. A long call can run in the background: `job = client.submit(fn, ...)` \
 returns at once and the notebook stays free; then `job.progress` (elapsed time, last line \
 printed), `job.done()`, `job.result(timeout=...)`, `job.cancel()`. The model still runs one call \
 at a time, so a client.run made meanwhile waits for the job's call. Ready-made techniques: `from techniques import logit_lens` then \

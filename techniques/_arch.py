@@ -88,7 +88,9 @@ class Arch:
         for layer in layers:
             if not isinstance(layer, int) or not -self.n_layers <= layer < self.n_layers:
                 raise ValueError(f"layer {layer!r} is out of range: the model has {self.n_layers} layers "
-                                 f"(0..{self.n_layers - 1})")
+                                 f"(0..{self.n_layers - 1}, or negative from the end); layer i is the output that "
+                                 f"output_hidden_states gives as hidden_states[i + 1] ({self.n_layers + 1} states: "
+                                 "hidden_states[0] is the embeddings)")
             out.append(layer % self.n_layers)
         return out
 

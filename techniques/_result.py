@@ -84,15 +84,18 @@ class GridResult(Result):
 
     def highlights(self) -> list[str]:
         cells = [(value, layer, pos) for layer, row in zip(self["layers"], self["grid"])
-                 for pos, value in zip(self["positions"], row)]
+                 for pos, value in zip(self["positions"], row) if value is not None]
         cells.sort(key=lambda c: -abs(c[0]))
         tokens = self.get("tokens") or []
 
         def where(pos):
             return f"{pos} ({_tok(tokens[pos])})" if isinstance(pos, int) and pos < len(tokens) else str(pos)
 
-        return [f"grid {len(self['layers'])} layers x {len(self['positions'])} positions (1 = clean, 0 = corrupted); "
-                "strongest cells:"] + [f"  L{layer:<3} pos {where(pos)}: {value:+.3f}" for value, layer, pos in cells[:8]]
+        partial = [f"PARTIAL: {len(cells)} cells finished before the call was stopped (None: not reached)"] \
+            if self.get("partial") else []
+        head = (f"grid {len(self['layers'])} layers x {len(self['positions'])} positions (1 = clean, 0 = corrupted); "
+                "strongest cells:")
+        return partial + [head] + [f"  L{layer:<3} pos {where(pos)}: {value:+.3f}" for value, layer, pos in cells[:8]]
 
 
 class AblationResult(Result):
@@ -134,3 +137,10 @@ class Progress:
         end = "\n" if self.done >= self.total else ""
         print(f"\r{self.label}: {self.done}/{self.total} done, {elapsed:.0f}s elapsed, about {left:.0f}s left",
               end=end, flush=True)
+
+    def interrupted(self) -> None:
+        """In `except KeyboardInterrupt:` (a timeout or cancel): the interrupt goes on when nothing
+        is finished; otherwise the technique returns what is, marked partial, and says so here."""
+        if not self.done:
+            raise  # noqa: PLE0704 - re-raises the KeyboardInterrupt being handled
+        print(f"\n{self.label}: interrupted; returning the {self.done} of {self.total} finished", flush=True)

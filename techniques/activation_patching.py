@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ._result import GridResult
+from ._result import GridResult, Progress
 
 
 def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: str, wrong_answer: str,
@@ -12,9 +12,11 @@ def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: st
     clean run scores 1 and the corrupted run 0. clean and corrupted must tokenize to the same
     length. component: "resid" (block output), "attn" or "mlp" (their outputs).
     positions: None = each position separately, "all" = all positions at once, or a list.
-    All patched runs of a batch go through the model as one batch (one forward per batch_size).
+    All patched runs of a batch go through the model as one batch (one forward per batch_size),
+    with a progress line in the cell; if a timeout or cancel stops the call, the batches finished
+    come back with "partial": True and None in the cells not reached.
     Returns {"grid": [layer][column], "logit_diffs": [layer][column], "layers", "positions",
-    "component", "tokens", "corrupted_tokens", "clean_logit_diff", "corrupted_logit_diff"}.
+    "component", "tokens", "corrupted_tokens", "clean_logit_diff", "corrupted_logit_diff", "partial"}.
 
     Tutorial: tutorials/03_activation_patching.ipynb
     """
@@ -33,27 +35,37 @@ def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: st
     # One row per (layer, column); each batch also carries an unpatched corrupted row first.
     cells = [(layer, col) for layer in layers for col in range(len(columns))]
     diffs, unpatched = [], None
-    for start in range(0, len(cells), batch_size):
-        chunk = cells[start:start + batch_size]
-        writes = {}
-        for row, (layer, col) in enumerate(chunk, start=1):
-            rows, pos = writes.setdefault(layer, ([], []))
-            rows.extend([row] * len(columns[col]))
-            pos.extend(columns[col])
-        with torch.no_grad():
-            with model.trace(ids_corrupted.repeat(len(chunk) + 1, 1)):
-                for layer in sorted(writes):
-                    rows, pos = torch.tensor(writes[layer][0]), torch.tensor(writes[layer][1])
-                    a.site(model, layer, component)[rows, pos] = clean_acts[layer][0, pos]
-                logits = model.lm_head.output.save()
-        batch_diffs = (logits[:, -1, good] - logits[:, -1, bad]).float()
-        unpatched = float(batch_diffs[0]) if unpatched is None else unpatched
-        diffs.append(batch_diffs[1:])
+    progress = Progress(len(cells), "activation_patching")
+    try:
+        for start in range(0, len(cells), batch_size):
+            chunk = cells[start:start + batch_size]
+            writes = {}
+            for row, (layer, col) in enumerate(chunk, start=1):
+                rows, pos = writes.setdefault(layer, ([], []))
+                rows.extend([row] * len(columns[col]))
+                pos.extend(columns[col])
+            with torch.no_grad():
+                with model.trace(ids_corrupted.repeat(len(chunk) + 1, 1)):
+                    for layer in sorted(writes):
+                        rows, pos = torch.tensor(writes[layer][0]), torch.tensor(writes[layer][1])
+                        a.site(model, layer, component)[rows, pos] = clean_acts[layer][0, pos]
+                    logits = model.lm_head.output.save()
+            batch_diffs = (logits[:, -1, good] - logits[:, -1, bad]).float()
+            unpatched = float(batch_diffs[0]) if unpatched is None else unpatched
+            diffs.append(batch_diffs[1:])
+            progress.step(len(chunk))
+    except KeyboardInterrupt:
+        progress.interrupted()
     corrupted_diff = unpatched
-    raw_grid = torch.cat(diffs).reshape(len(layers), len(columns))
+    missing = torch.full((len(cells) - progress.done,), float("nan"))
+    raw_grid = torch.cat([*diffs, missing]).reshape(len(layers), len(columns))
+
+    def cells_of(rows):  # the cells not reached (NaN) are None
+        return [[None if v != v else v for v in row] for row in rows]
+
     return GridResult({
-        "grid": normalize(raw_grid, clean_diff, corrupted_diff),
-        "logit_diffs": raw_grid.tolist(),
+        "grid": cells_of(normalize(raw_grid, clean_diff, corrupted_diff)),
+        "logit_diffs": cells_of(raw_grid.tolist()),
         "layers": layers,
         "positions": labels,
         "component": component,
@@ -61,4 +73,5 @@ def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: st
         "corrupted_tokens": token_strings(tokenizer, ids_corrupted[0]),
         "clean_logit_diff": clean_diff,
         "corrupted_logit_diff": corrupted_diff,
+        "partial": progress.done < len(cells),
     })

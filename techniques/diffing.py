@@ -128,9 +128,7 @@ def compare_to_base(model, tokenizer, prompts: list[str] | str = "neutral", top_
             base_text += plain
             progress.step(len(chunk))
     except KeyboardInterrupt:
-        if not organism_text:
-            raise
-        print(f"\ncompare_to_base: interrupted; returning the {len(organism_text)} of {len(texts)} prompts finished")
+        progress.interrupted()
     rise /= max(positions, 1)
     kl /= max(positions, 1)
     layer_diffs /= max(len(organism_text), 1)

@@ -397,6 +397,28 @@ def test_interrupting_the_cell_stops_the_call_in_the_worker(kernel_session):
     assert "'still warm'" in run_ok(kernel_session, "client.run(lambda model, tokenizer: 'still warm')")
 
 
+def test_an_interrupted_cell_keeps_what_the_technique_finished_in_client_partial(kernel_session):
+    """Long work never lost: the cell is interrupted (a cell timeout, or the agent cancelling) while
+    activation_patching runs; the batches it finished come back in client.partial, marked partial."""
+    stopped = []
+
+    def interrupt_at_first_progress(text):
+        if "activation_patching: " in text and not stopped:
+            stopped.append(threading.Thread(target=kernel_session.interrupt))
+            stopped[0].start()
+
+    result = kernel_session.execute(
+        "import techniques as T\nclient.partial = None\n"
+        "grid = client.run(T.activation_patching, clean='The Eiffel Tower is located in the city of', "
+        "corrupted='The Colosseum is located in the city of', answer=' Paris', wrong_answer=' Rome', batch_size=1)",
+        on_output=interrupt_at_first_progress)
+    assert stopped and "KeyboardInterrupt" in result.text and "client.partial" in result.text, result.text
+    kept = json.loads(run_ok(kernel_session, "import json\np = client.partial\nprint(json.dumps([p['partial'], "
+                                             "[v is not None for row in p['grid'] for v in row]]))").splitlines()[-1])
+    assert kept[0] is True and 1 <= sum(kept[1]) < len(kept[1]) and kept[1][0], kept
+    assert "'still warm'" in run_ok(kernel_session, "client.run(lambda model, tokenizer: 'still warm')")
+
+
 def test_every_pattern_init_session_teaches_runs_as_taught(kernel_session):
     """The instructions' trace rules, executed literally: .save(), a list made before the block,
     plain HF calls and generate."""

@@ -278,3 +278,28 @@ def test_catalog_lists_returns_and_survives_a_technique_without_docstring():
 
     (entry,) = T.catalog([bare])
     assert entry == {"name": "bare", "signature": "bare(x = 1)", "summary": "(no description)", "returns": ""}
+
+
+def test_activation_patching_shows_progress_and_keeps_finished_batches_when_stopped(tiny_gpt2, capsys, monkeypatch):
+    """A timeout or cancel (a KeyboardInterrupt in the worker) after two batches: those cells come
+    back, the rest are None, the result says PARTIAL; the finished cells equal a full run's."""
+    import techniques._result as R
+
+    model, tok = tiny_gpt2
+    full = T.activation_patching(model, tok, CLEAN, CORRUPTED, " Paris", " Rome", batch_size=4)
+    assert full["partial"] is False and "activation_patching: " in capsys.readouterr().out
+    step = R.Progress.step
+
+    def stop_after_two_batches(self, n=1):
+        step(self, n)
+        if self.done == 8:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(R.Progress, "step", stop_after_two_batches)
+    part = T.activation_patching(model, tok, CLEAN, CORRUPTED, " Paris", " Rome", batch_size=4)
+    printed = capsys.readouterr().out
+    cells = [v for row in part["grid"] for v in row]
+    assert part["partial"] is True and "returning the 8 of" in printed and "about" in printed
+    assert cells[8:] == [None] * (len(cells) - 8) and None not in cells[:8]
+    np.testing.assert_allclose(cells[:8], [v for row in full["grid"] for v in row][:8], atol=1e-5)
+    assert "PARTIAL: 8 cells finished" in repr(part)
