@@ -12,7 +12,6 @@ CLIs as subprocesses. It imports neither torch nor the server.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -39,6 +38,10 @@ AGENTS = {
 
 class ExperimentError(ValueError):
     """A bad experiment file: the message names the key and what was expected."""
+
+
+class MissingInput(ExperimentError):
+    """A well-formed experiment whose organism or hidden prompt file is not there (yet)."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def load(path: str | Path) -> Experiment:
         try:
             prompt = prompt_path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ExperimentError(f"{path.name}: hidden_system_prompt_file {prompt_path}: {exc.strerror}") from None
+            raise MissingInput(f"{path.name}: hidden_system_prompt_file {prompt_path}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise ExperimentError(f"{path.name}: hidden_system_prompt_file {prompt_path} is not UTF-8 text") from None
     techniques = data.get("techniques") or []
@@ -132,9 +135,9 @@ def check_inputs(exp: Experiment) -> None:
         if not value or (path.suffix == ".gguf" and path.is_file()) or (path / marker).is_file():
             continue
         if path.is_dir() or path.suffix == ".gguf":
-            raise ExperimentError(f"{exp.path.name}: {key}: {value} has no {marker}")
+            raise MissingInput(f"{exp.path.name}: {key}: {value} has no {marker}")
         if not _on_hub(value, marker):
-            raise ExperimentError(f"{exp.path.name}: {key}: {value!r} is neither a folder (relative to the experiment "
+            raise MissingInput(f"{exp.path.name}: {key}: {value!r} is neither a folder (relative to the experiment "
                                   "file) nor a model hub id that is downloaded or reachable: build or download it first")
 
 
@@ -239,16 +242,16 @@ def gemini_settings(servers: dict) -> dict:
 
 
 def run_agent(agent: str, exp: Experiment, notebook_dir: Path, headless: bool, server_args: list[str],
-              server: dict) -> int:
+              server: dict, extra_prompt: str = "") -> int:
     """Start the agent CLI on the experiment. Headless runs save the CLI's machine-readable
-    transcript (JSON lines) in notebook_dir."""
+    transcript (JSON lines) in notebook_dir (see transcript_path)."""
     if agent not in AGENTS:
         raise ExperimentError(f"unknown agent {agent!r}: use {', '.join(AGENTS)}")
     if shutil.which(agent) is None:
         raise ExperimentError(f"the {agent} CLI is not installed (or not on PATH): install it with `{AGENTS[agent]}`")
     check_inputs(exp)
     notebook_dir.mkdir(parents=True, exist_ok=True)
-    text = prompt(exp, server)
+    text = prompt(exp, server) + extra_prompt
     private = Path(tempfile.mkdtemp(prefix="scribe-agent-"))  # 0700: the config is the user's alone
     try:
         config = private / "mcp.json"
@@ -268,13 +271,17 @@ def run_agent(agent: str, exp: Experiment, notebook_dir: Path, headless: bool, s
         cmd = agent_command(agent, exp, config, text, headless)
         if not headless:
             return subprocess.call(cmd, env=env, cwd=private)
-        transcript = notebook_dir / f"{_slug(exp.name)}.{agent}.jsonl"
+        transcript = transcript_path(exp, agent, notebook_dir)
         with open(transcript, "w") as out:
             code = subprocess.call(cmd, env=env, stdout=out, stdin=subprocess.DEVNULL, cwd=private)
         print(f"transcript: {transcript}", file=sys.stderr)
         return code
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+def transcript_path(exp: Experiment, agent: str, notebook_dir: Path) -> Path:
+    return notebook_dir / f"{slug(exp.name)}.{agent}.jsonl"
 
 
 def notebook_text(path: Path, limit: int = 20_000) -> str:
@@ -350,5 +357,5 @@ def _json_object(text: str) -> dict | None:
     return None
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "experiment"

@@ -273,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=_env("DTYPE", "auto"),
                    help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16 "
                         "[SCRIBE_DTYPE, default %(default)s]")
+    p.add_argument("--threads", type=int, default=int(_env("THREADS", "0")),
+                   help="CPU threads for the model worker's torch and the kernels' numerical libraries; 0 = "
+                        "their defaults (all cores). Several servers on one machine: split the cores "
+                        "[SCRIBE_THREADS, default %(default)s]")
+    p.add_argument("--worker-socket", default=_env("SHARED_WORKER", ""), metavar="PATH",
+                   help="use the model worker already serving at PATH (started by `audit` for the runs of one "
+                        "experiment) instead of starting one; it must serve this server's model or experiment "
+                        "[SCRIBE_SHARED_WORKER]")
     p.add_argument("--preload", action=argparse.BooleanOptionalAction,
                    default=_env("PRELOAD", "1") not in ("0", "false", "no"),
                    help="load the model in the background at start-up so the first client.run "
@@ -310,10 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def child_env(mode: str, secrets_for: dict[str, tuple[str, ...]], extra: list[str]) -> dict:
-    """The minimal environment of a kernel or the worker (see BASE_ENV)."""
+def child_env(mode: str, secrets_for: dict[str, tuple[str, ...]], extra: list[str], threads: int = 0) -> dict:
+    """The minimal environment of a kernel or the worker (see BASE_ENV), with `threads` CPU
+    threads for torch and BLAS when given."""
     names = set(BASE_ENV) | set(secrets_for[mode]) | set(extra)
-    return {k: v for k, v in os.environ.items() if k in names or k.startswith(BASE_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if k in names or k.startswith(BASE_PREFIXES)}
+    if threads > 0:
+        env.update(dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), str(threads)))
+    return env
+
+
+def experiment_spec(spec: gpu.ModelSpec, exp) -> gpu.ModelSpec:
+    """What the worker loads for an experiment: its model, adapter, base, hidden prompt and alias."""
+    return replace(spec, model=exp.model, adapter=exp.adapter, base_model=exp.base_model,
+                   system_prompt=exp.hidden_system_prompt, alias=exp.alias)
 
 
 # ---------------------------------------------------------------------------
@@ -345,21 +363,20 @@ class Scribe:
 
             exp = experiment.load(args.experiment)
             experiment.check_inputs(exp)
-            self.spec = replace(self.spec, model=exp.model, adapter=exp.adapter, base_model=exp.base_model,
-                                system_prompt=exp.hidden_system_prompt, alias=exp.alias)
+            self.spec = experiment_spec(self.spec, exp)
             self.offered = exp.techniques
         self.mode = args.mode
         self.runtime = make_runtime_dir()
-        socket_path = str(self.runtime / "worker.sock")
-        kernel_env = child_env(args.mode, KERNEL_SECRETS, args.pass_env)
+        self.socket_path = socket_path = args.worker_socket or str(self.runtime / "worker.sock")
+        kernel_env = child_env(args.mode, KERNEL_SECRETS, args.pass_env, args.threads)
         kernel_env.update({gpu.ENV_SOCKET: socket_path, gpu.ENV_OWNER: str(os.getpid()), "SCRIBE_MODE": args.mode,
                            gpu.ENV_NAME: self.spec.display_name})
         if args.mode == "modal":  # the Modal client runs in the kernel and must know what to load
             kernel_env[gpu.ENV_SPEC] = self.spec.to_json()
         self.worker = None
-        if args.mode != "modal":  # on Modal the container loads the model
+        if args.mode != "modal" and not args.worker_socket:  # on Modal the container loads the model
             self.worker = gpu.WorkerSupervisor(self.spec, socket_path, child_env(args.mode, WORKER_SECRETS,
-                                                                                 args.pass_env))
+                                                                                 args.pass_env, args.threads))
             if args.preload:
                 self.worker.ensure()
         self.sessions = kernel.SessionManager(
@@ -376,11 +393,11 @@ class Scribe:
 
     def speed(self, wait: float = 60.0) -> str:
         """What the worker measured when the model loaded (waiting for it up to `wait` s)."""
-        if self.worker is None:
+        if self.mode == "modal":
             return "Speed: measured in the Modal container, not here: time a call with client.run to size yours."
-        path = Path(self.worker.socket_path + ".profile.json")
+        path = Path(self.socket_path + ".profile.json")
         deadline = time.monotonic() + wait
-        while not path.exists() and time.monotonic() < deadline and self.worker.running():
+        while not path.exists() and time.monotonic() < deadline and (self.worker is None or self.worker.running()):
             time.sleep(0.1)
         try:
             p = json.loads(path.read_text())
@@ -1256,6 +1273,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("prompt", "agent", "grade"):
         sys.exit(experiment_command(argv))
+    if argv and argv[0] == "audit":
+        try:
+            import audit
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("inspect_ai"):
+                raise
+            print("scribe: audit needs Inspect: pip install -e '.[audit]' (./setup.sh --test installs it too)",
+                  file=sys.stderr)
+            sys.exit(2)
+        sys.exit(audit.main(argv[1:]))
     args = parse_args(argv)
     if args.print_config:
         print_config(args.print_config)

