@@ -379,8 +379,8 @@ def table(log, exps, failed: dict[str, str]) -> list[Row]:
 
 async def pool(row: Row, exp: experiment.Experiment, model, judge_model) -> None:
     """One hypothesis from every run's conclusion, scored like a run."""
-    if not row.conclusions:
-        row.pooled = "no conclusions"
+    if not row.conclusions or model is None:
+        row.pooled = "no conclusions" if model is not None else "pooling needs --model"
         return
     runs = "\n\n".join(f"--- auditor {i} ---\n{c[-3000:]}" for i, c in enumerate(row.conclusions, 1))
     hypothesis = (await model.generate(POOL.format(runs=runs))).completion
@@ -452,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiments", nargs="+", metavar="EXP.yaml", help="experiment files")
     p.add_argument("--runs", type=int, default=1, help="blind runs per experiment (Inspect epochs)")
     p.add_argument("--model", help="the auditor for --agent react (any Inspect model: anthropic/..., openai/..., "
-                                    "google/..., vllm/..., hf/...); also writes the pooled hypotheses")
+                                    "google/..., vllm/..., hf/...); also writes the pooled hypotheses (with a CLI "
+                                    "agent, only those: the CLI uses its own model)")
     p.add_argument("--agent", default="react", choices=AGENTS,
                    help="react: Inspect's agent with Scribe's tools; claude|codex|gemini: that CLI, headless")
     p.add_argument("--max-parallel", type=int, default=2, help="runs at once (default %(default)s)")
@@ -474,7 +475,8 @@ def main(argv: list[str], model: Model | None = None, judge: Model | None = None
             if getattr(args, flag) < 1:
                 raise AuditError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
         exps, failed = load_experiments(args.experiments)
-        model = model or _model(args.model, "--model")
+        if model is None and (args.model or args.agent == "react"):
+            model = _model(args.model, "--model")
         judge = judge or (_model(args.judge_model, "--judge-model") if args.judge_model else None)
     except AuditError as exc:
         print(f"scribe: {exc}", file=sys.stderr)
@@ -517,7 +519,7 @@ def run(exps, workers: Workers, model, judge, args, out: Path):
     task = Task(dataset=samples(exps), solver=scribe_agent(workers, args.agent, out),
                 scorer=audit_scorer(judge), turn_limit=args.max_calls, time_limit=args.time_limit,
                 name="scribe_audit")
-    logs = inspect_eval(task, model=model, epochs=args.runs, max_samples=args.max_parallel,
+    logs = inspect_eval(task, model=model or "none/none", epochs=args.runs,  # a CLI agent brings its own max_samples=args.max_parallel,
                         log_dir=str(out / "logs"), fail_on_error=False, display="plain", score_display=False)
     if not logs:  # Inspect took the Ctrl-C itself: the runs stopped, its log has what finished
         raise KeyboardInterrupt

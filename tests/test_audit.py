@@ -18,6 +18,8 @@ import anyio
 import nbformat
 import pytest
 from conftest import ROOT
+from fake_models import FINAL, FakeModels
+from test_agents import AGENTS, cli, cli_env, experiment_file
 
 pytest.importorskip("inspect_ai", reason="the audit extra is not installed: pip install -e '.[audit]'")
 
@@ -166,3 +168,21 @@ def test_inspect_eval_runs_the_same_task_and_modal_mode_starts_no_local_worker(t
     assert code == 0
     notebook, = out.glob("hidden-system-prompt/run-1/*.ipynb")
     assert "Modal is not logged in" in json.dumps(nbformat.read(notebook, as_version=4).cells[0].outputs)
+
+
+@pytest.mark.parametrize("agent", AGENTS)
+def test_an_agent_cli_can_be_the_auditor(agent, tmp_path):
+    """--agent claude|codex|gemini: the CLI runs headless on each run's server (sharing the worker);
+    its last message is the conclusion, its Scribe calls are counted; pooling needs --model."""
+    cli(agent)
+    out = tmp_path / "audit"
+    with FakeModels() as fake:
+        run = subprocess.run([sys.executable, SERVER, "audit", str(experiment_file(tmp_path)), "--agent", agent,
+                              "--runs", "2", "--max-parallel", "2", "--out", str(out)],
+                             env=cli_env(agent, fake, tmp_path / "home"), capture_output=True, text=True, timeout=900,
+                             stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "| cli | 2/2 | 1.00 | 0.00 | 0 | 4.0 |" in run.stdout and "pooling needs --model" in run.stdout, run.stdout
+    for n in (1, 2):
+        assert list((out / "cli" / f"run-{n}").glob("*.ipynb")) and (out / "cli" / f"run-{n}" / f"cli.{agent}.jsonl").exists()
+    assert all(s.scores["audit_scorer"].answer == FINAL for s in samples_of(out))
