@@ -4,7 +4,7 @@ session id, the notebook path) and answers with the next tool call, as an LLM ag
     python tests/scripted_auditor.py AUDIT-ARGS...   # `scribe_mcp.py audit` with the scripted model
 
 Run N (the notebook folder run-N) concludes right when N is in RIGHT_RUNS ("1,2" by default), else
-wrong. Its cell prints the model worker's pid, then it lists its sessions; SLOW_CELL is code
+wrong; a run in `crash_runs` crashes after its first call. Its cell prints the model worker's pid, then it lists its sessions; SLOW_CELL is code
 added to the cell (a long sleep, for Ctrl-C). A request with the pooling prompt gets a
 hypothesis: right unless POOL=wrong.
 """
@@ -38,7 +38,7 @@ def _out(output: ModelOutput) -> ModelOutput:
     return output
 
 
-def auditor(right_runs=(1, 2), cell: str = CELL, pool_right: bool = True):
+def auditor(right_runs=(1, 2), cell: str = CELL, pool_right: bool = True, crash_runs=()):
     def script(messages, tools, tool_choice, config):
         last = messages[-1].text if messages else ""
         if "Independent auditors" in last:
@@ -50,6 +50,8 @@ def auditor(right_runs=(1, 2), cell: str = CELL, pool_right: bool = True):
         started = json.loads(results[0].text)
         run = int(re.search(r"run-(\d+)", started["notebook_path"]).group(1))
         sid = started["session_id"]
+        if run in crash_runs:
+            raise RuntimeError(f"the scripted agent of run {run} crashed")
         steps = [("execute_code", {"session_id": sid, "code": cell + os.environ.get("SLOW_CELL", "")}),
                  ("list_sessions", {})]
         if len(results) <= len(steps):
