@@ -80,11 +80,10 @@ class Workers:
     sends its calls to Modal.
     """
 
-    def __init__(self, mode: str = "local", threads: int = 0, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, mode: str = "local", threads: int = 0):
         import scribe_mcp
 
-        self.mode, self.threads = mode, threads
-        self.base = gpu.ModelSpec(device=device, dtype=dtype)
+        self.mode = mode
         self.env = scribe_mcp.child_env("local", scribe_mcp.WORKER_SECRETS, [], threads)
         self.runtime = Path(tempfile.mkdtemp(prefix=f"scribe-{os.getpid()}-"))  # removed with its owner
         self._lock = threading.Lock()
@@ -101,14 +100,11 @@ class Workers:
             worker = self._started.get(exp.path)
             if worker is None:
                 socket_path = str(self.runtime / f"worker-{len(self._started)}.sock")
-                worker = gpu.WorkerSupervisor(scribe_mcp.experiment_spec(self.base, exp), socket_path, self.env)
+                worker = gpu.WorkerSupervisor(scribe_mcp.experiment_spec(gpu.ModelSpec(), exp), socket_path, self.env)
                 worker.ensure()
                 self._started[exp.path] = worker
         gpu.connect_worker(None, worker.socket_path, os.getpid()).close()
         return ["--worker-socket", worker.socket_path, "--threads", "1"]
-
-    def pids(self) -> list[int]:
-        return [w._proc.pid for w in self._started.values() if w._proc is not None]
 
     def stop(self) -> None:
         for worker in self._started.values():
@@ -191,10 +187,14 @@ def scribe_audit(experiments: str | list[str] = "", agent: str = "react", out: s
         raise AuditError("no experiment can start" + (": " + "; ".join(failed.values()) if failed else ""))
     if agent not in AGENTS:
         raise AuditError(f"unknown agent {agent!r}: use {', '.join(AGENTS)}")
-    workers = Workers(mode, threads or thread_budget(len(exps)))
-    return Task(dataset=samples(exps), solver=scribe_agent(workers, agent, Path(out)),
-                scorer=audit_scorer(judge_model), turn_limit=max_calls,
-                metadata={"could_not_start": failed})
+    return audit_task(exps, Workers(mode, threads or thread_budget(len(exps))), agent, Path(out), judge_model,
+                      max_calls)
+
+
+def audit_task(exps, workers: Workers, agent: str, out: Path, judge_model, max_calls: int,
+               time_limit: int | None = None) -> Task:
+    return Task(dataset=samples(exps), solver=scribe_agent(workers, agent, out), scorer=audit_scorer(judge_model),
+                turn_limit=max_calls, time_limit=time_limit, name="scribe_audit")
 
 
 @solver
@@ -206,7 +206,6 @@ def scribe_agent(workers: Workers, agent: str, out: Path):
         exp = experiment.load(state.metadata["experiment"])
         run_dir = (out / experiment.slug(exp.name) / f"run-{state.epoch}").resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        state.metadata["notebooks"] = str(run_dir)
         args = [*await anyio.to_thread.run_sync(workers.server_args, exp), "--notebook-dir", str(run_dir)]
         if agent != "react":
             return await anyio.to_thread.run_sync(run_cli, agent, exp, run_dir, args, state)
@@ -248,7 +247,7 @@ async def verdict(exp: experiment.Experiment, conclusion: str, judge_model) -> S
         judge = judge_model if isinstance(judge_model, Model) else get_model(judge_model)
         reply = (await judge.generate(experiment.JUDGE.format(
             truth=exp.ground_truth or ", ".join(exp.expect), notebook=conclusion))).completion
-        graded = experiment._json_object(reply)
+        graded = experiment.json_object(reply)
         if not graded or "verdict" not in graded:
             raise AuditError(f"the judge's answer was not the JSON asked for: {reply.strip()[:300]!r}")
         meta.update(verdict=graded["verdict"], judge_score=graded.get("score"), rationale=graded.get("rationale", ""))
@@ -516,9 +515,7 @@ def _model(name: str | None, flag: str):
 def run(exps, workers: Workers, model, judge, args, out: Path):
     from inspect_ai import eval as inspect_eval
 
-    task = Task(dataset=samples(exps), solver=scribe_agent(workers, args.agent, out),
-                scorer=audit_scorer(judge), turn_limit=args.max_calls, time_limit=args.time_limit,
-                name="scribe_audit")
+    task = audit_task(exps, workers, args.agent, out, judge, args.max_calls, args.time_limit)
     logs = inspect_eval(task, model=model or "none/none", epochs=args.runs,  # a CLI agent brings its own max_samples=args.max_parallel,
                         log_dir=str(out / "logs"), fail_on_error=False, display="plain", score_display=False)
     if not logs:  # Inspect took the Ctrl-C itself: the runs stopped, its log has what finished
