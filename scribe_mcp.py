@@ -7,7 +7,7 @@
 The tools translate MCP calls into `kernel.SessionManager` calls. One model worker (gpu.py)
 per server is shared by every session's kernel; the server starts it, restarts it when it
 dies, and tells kernels where it listens, so the setup code `init_session` hands out never
-changes between runs.
+changes between runs. (`audit` runs several servers on one worker: --worker-socket.)
 
 What an agent reads: tools that run cells answer in plain text plus images (a client that
 shows only structured content, like Claude Code, would otherwise show JSON full of escapes);
@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="scribe_mcp.py",
         description="Scribe: an MCP server for interpretability research in Jupyter notebooks. "
                     "Every flag also reads an environment variable (shown in brackets).",
+        epilog="Blind experiments (README): `prompt FILE`, `agent claude|codex|gemini FILE`, `grade FILE "
+               "NOTEBOOK`, and `audit EXP.yaml ... --runs N --model ...` for batches of runs on Inspect; "
+               "each takes --help.",
     )
     p.add_argument("--experiment", default=_env("EXPERIMENT", ""), metavar="FILE",
                    help="serve a blind experiment (YAML, see README): its model, adapter, hidden system "
