@@ -221,8 +221,8 @@ def test_the_calls_that_cost_auditors_time_now_work_or_point_the_way(tmp_path, o
     timed = ("from techniques import compare_to_base\nt = time.monotonic()\n"
              "client.run(compare_to_base, prompts=[f'Tell me about the number {i}.' for i in range(4)], max_new_tokens=8)\n"
              "four = time.monotonic() - t\n"
-             "diff = client.run(compare_to_base, prompts=[f'Describe the number {i}.' for i in range(40)], "
-             "max_new_tokens=8, timeout=3 * four)\n"
+             "diff = client.run(compare_to_base, prompts=[f'Describe the number {i}.' for i in range(100)], "
+             "max_new_tokens=8, timeout=6 * four)\n"
              "print(json.dumps({'partial': diff['partial'], 'done': len(diff['prompts'])}))")
 
     async def scenario():
@@ -237,7 +237,8 @@ def test_the_calls_that_cost_auditors_time_now_work_or_point_the_way(tmp_path, o
     assert "layer 30 is out of range" in layer and "hidden_states[i + 1]" in layer, layer
     assert "has_disable_adapter: True" in probe, probe
     found = json.loads(compare.strip().splitlines()[-1])
-    assert found["partial"] is True and 4 <= found["done"] < 40, compare
+    # 6x a 4-prompt call: partial unless the machine's load changes 6-fold either way meanwhile
+    assert found["partial"] is True and 4 <= found["done"] < 100, compare
     assert "interrupted; returning the" in compare and "TimeoutError" not in compare, compare
 
 
