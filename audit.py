@@ -47,6 +47,7 @@ sys.path.insert(0, str(HERE))  # `inspect eval audit.py` loads this file as a sc
 
 import experiment  # noqa: E402
 import gpu  # noqa: E402
+import scribe_mcp  # noqa: E402
 
 AGENTS = ("react", *experiment.AGENTS)
 SUBMIT = """
@@ -81,8 +82,6 @@ class Workers:
     """
 
     def __init__(self, mode: str = "local", threads: int = 0):
-        import scribe_mcp
-
         self.mode = mode
         self.env = scribe_mcp.child_env("local", scribe_mcp.WORKER_SECRETS, [], threads)
         self.runtime = Path(tempfile.mkdtemp(prefix=f"scribe-{os.getpid()}-"))  # removed with its owner
@@ -94,8 +93,6 @@ class Workers:
         (or raises its start error, which hides an experiment's secrets)."""
         if self.mode == "modal":
             return ["--mode", "modal"]
-        import scribe_mcp
-
         with self._lock:
             worker = self._started.get(exp.path)
             if worker is None:
@@ -167,8 +164,6 @@ def _hidden(text: str, exp: experiment.Experiment) -> str:
 
 
 def samples(exps: list[experiment.Experiment]) -> list:
-    import scribe_mcp
-
     with ThreadPoolExecutor(1) as thread:  # `inspect eval` makes the task inside its event loop
         parts = thread.submit(scribe_mcp.prompt_parts).result()
     return [Sample(id=exp.name, input=experiment.prompt(exp, parts) + SUBMIT, target=exp.ground_truth or
@@ -263,8 +258,6 @@ async def verdict(exp: experiment.Experiment, conclusion: str, judge_model) -> S
 
 def run_cli(agent: str, exp: experiment.Experiment, run_dir: Path, server_args: list[str], state):
     """A headless agent CLI on the run's server; its last message is the conclusion."""
-    import scribe_mcp
-
     code = experiment.run_agent(agent, exp, run_dir, True, server_args, scribe_mcp.prompt_parts(),
                                 extra_prompt=SUBMIT.replace("Call `submit` with", "End with"))
     transcript = experiment.transcript_path(exp, agent, run_dir)
@@ -329,7 +322,16 @@ class Row:
     conclusions: list[str] = field(default_factory=list)
     interrupted: int = 0  # runs stopped by Ctrl-C: neither found nor missed
     pooled: str = ""  # "found", "not found", or why there is none
-    note: str = ""  # could not start (why), or runs interrupted
+    note: str = ""  # why it could not start
+
+    @property
+    def status(self) -> str:
+        """The last column when there is no pooled verdict."""
+        if self.note:
+            return self.note
+        if self.interrupted:
+            return f"{self.interrupted} run(s) interrupted"
+        return "-" if self.runs else "interrupted before a run finished"
 
     @property
     def scored(self) -> int:
@@ -353,16 +355,13 @@ def tool_calls(messages) -> int:
 
 
 def table(log, exps, failed: dict[str, str]) -> list[Row]:
-    rows = {e.name: Row(e.name, note="interrupted before a run finished") for e in exps}
+    rows = {e.name: Row(e.name) for e in exps}
     for sample in (log.samples if log is not None else None) or []:
         row = rows.setdefault(str(sample.id), Row(str(sample.id)))
         if sample.error is not None and sample.error.message.startswith("CancelledError"):  # Ctrl-C
             row.interrupted += 1
-            row.note = f"{row.interrupted} run(s) interrupted"
             continue
         row.runs += 1
-        if row.note.startswith("interrupted before"):
-            row.note = ""
         if sample.error is not None or not sample.scores:
             row.errors += 1
             continue
@@ -395,11 +394,11 @@ def render(rows: list[Row]) -> list[list[str]]:
     body = []
     for r in rows:
         if not r.runs:
-            body.append([r.experiment, "-", "-", "-", "-", "-", "-", r.note or "-"])
+            body.append([r.experiment, "-", "-", "-", "-", "-", "-", r.status])
             continue
         body.append([r.experiment, f"{r.found}/{r.scored}", "-" if r.rate is None else f"{r.rate:.2f}",
                      "-" if r.stderr is None else f"{r.stderr:.2f}", str(r.errors), _mean(r.calls),
-                     _mean(r.minutes), r.pooled or r.note or "-"])
+                     _mean(r.minutes), r.pooled or r.status])
     return [head, *body]
 
 
@@ -516,8 +515,8 @@ def run(exps, workers: Workers, model, judge, args, out: Path):
     from inspect_ai import eval as inspect_eval
 
     task = audit_task(exps, workers, args.agent, out, judge, args.max_calls, args.time_limit)
-    logs = inspect_eval(task, model=model or "none/none", epochs=args.runs,  # a CLI agent brings its own max_samples=args.max_parallel,
-                        log_dir=str(out / "logs"), fail_on_error=False, display="plain", score_display=False)
+    logs = inspect_eval(task, model=model or "none/none",  # a CLI agent brings its own model
+                        epochs=args.runs, max_samples=args.max_parallel, log_dir=str(out / "logs"), fail_on_error=False, display="plain", score_display=False)
     if not logs:  # Inspect took the Ctrl-C itself: the runs stopped, its log has what finished
         raise KeyboardInterrupt
     return logs[0]

@@ -32,10 +32,10 @@ HIDDEN = ROOT / "experiments" / "hidden_system_prompt.yaml"
 pytestmark = pytest.mark.timeout(900)
 
 
-def samples_of(out: Path):
+def read_log(out: Path):
     from inspect_ai.log import list_eval_logs, read_eval_log
 
-    return read_eval_log(list_eval_logs(str(out / "logs"))[0]).samples
+    return read_eval_log(list_eval_logs(str(out / "logs"))[0])
 
 
 def test_two_right_of_four_runs_give_two_of_four_a_crash_is_an_error_one_worker_private_notebooks(
@@ -57,7 +57,9 @@ def test_two_right_of_four_runs_give_two_of_four_a_crash_is_an_error_one_worker_
     assert "| hidden-system-prompt | 2/4 | 0.50 | 0.29 |" in printed.out
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
 
-    samples = samples_of(out)
+    log = read_log(out)
+    assert log.eval.config.max_samples == 2  # --max-parallel reaches Inspect
+    samples = log.samples
     assert sorted(s.epoch for s in samples) == [1, 2, 3, 4, 5]
     crashed, = [s for s in samples if s.error is not None]
     assert crashed.epoch == 5 and "crashed" in crashed.error.message
@@ -195,4 +197,4 @@ def test_an_agent_cli_can_be_the_auditor(agent, tmp_path):
     assert "| cli | 2/2 | 1.00 | 0.00 | 0 | 4.0 |" in run.stdout and "pooling needs --model" in run.stdout, run.stdout
     for n in (1, 2):
         assert list((out / "cli" / f"run-{n}").glob("*.ipynb")) and (out / "cli" / f"run-{n}" / f"cli.{agent}.jsonl").exists()
-    assert all(s.scores["audit_scorer"].answer == FINAL for s in samples_of(out))
+    assert all(s.scores["audit_scorer"].answer == FINAL for s in read_log(out).samples)
