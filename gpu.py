@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import inspect
 import io
 import json
 import linecache
@@ -475,11 +476,20 @@ def dumps_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
             f"cannot send {getattr(fn, '__name__', fn)!r} and its arguments to the worker: {exc}"
         ) from exc
     sources = {name: linecache.getlines(name) for name in pickler.filenames}
+    # A batchable technique (techniques._batch) may share batched model calls with other sessions' calls.
+    merge = inspect.isgeneratorfunction(getattr(fn, "steps", None))
     return pickle.dumps(
         {"py": sys.version_info[:2], "cloudpickle": cloudpickle.__version__, "sources": sources,
-         "call": buf.getvalue()},
+         "call": buf.getvalue(), "merge": merge},
         protocol=pickle.HIGHEST_PROTOCOL,
     )
+
+
+def call_merges(payload: bytes) -> bool:
+    """Whether a pickled call is a batchable technique's (read from the envelope, without loading the call)."""
+    with contextlib.suppress(Exception):
+        return bool(pickle.loads(payload).get("merge"))
+    return False
 
 
 def loads_call(payload: bytes) -> tuple[Callable, tuple, dict]:
@@ -632,23 +642,38 @@ class _Routed(io.TextIOBase):
     """sys.stdout/stderr during a call: the call's own threads write to its cell.
 
     Threads that were already running when the call began (left behind by an earlier call)
-    write to the original stream (the worker log), never into another session's cell.
+    write to the original stream (the worker log), never into another session's cell. Calls run
+    together (Executor.execute_merged) switch the emitter to whichever call's code runs.
     """
 
-    def __init__(self, emitter: _Emitter, original, foreign: set[int]):
-        self.emitter, self.original, self.foreign = emitter, original, foreign
+    def __init__(self, original, foreign: set[int]):
+        self.emitter: _Emitter | None = None
+        self.original, self.foreign = original, foreign
+
+    def switch(self, emitter: _Emitter | None) -> None:
+        if self.emitter is not None and self.emitter is not emitter:
+            self.emitter.flush()
+        self.emitter = emitter
 
     def writable(self) -> bool:
         return True
 
     def _target(self):
-        return self.original if threading.get_ident() in self.foreign else self.emitter
+        if self.emitter is None or threading.get_ident() in self.foreign:
+            return self.original
+        return self.emitter
 
     def write(self, text: str) -> int:
         return self._target().write(text)
 
     def flush(self) -> None:
         self._target().flush()
+
+
+def _plain_steps(fn, *args, **kwargs):
+    """A call run among batchable techniques that makes no batched request: it runs in its first step."""
+    return fn(*args, **kwargs)
+    yield  # noqa: unreachable - makes this a generator function
 
 
 _HOOKS = ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
@@ -692,7 +717,9 @@ class Executor:
     """Runs shipped calls on one loaded model and leaves it, and torch, as it found them.
 
     `interruptible` is True exactly while user code runs: a cancel (SIGINT in the worker) may
-    only raise there, never in the bookkeeping around it.
+    only raise there, never in the bookkeeping around it. `stop_wanted(key)` says whether the
+    call now running (key None), or the merged call whose code runs (`stepping`), was cancelled:
+    the worker sets it; alone (Modal), nothing cancels a call from outside.
     """
 
     def __init__(self, model, tokenizer, secrets: dict[str, str] | None = None):
@@ -701,7 +728,8 @@ class Executor:
         self.model, self.tokenizer = model, tokenizer
         self.secrets = secrets or {}  # experiments: strings replaced in everything sent back
         self.interruptible = False
-        self.cancel_pending = False
+        self.stepping = None  # in a merged run: the call whose code runs now (None: a batched model call)
+        self.stop_wanted: Callable[[Any], bool] = lambda key: False
         self._raw = getattr(model, "_module", model)  # the HF module behind the nnsight wrapper
         self._modules = list(self._raw.modules())
         self._tables = [t for m in self._modules for t in _hook_tables(m, "_")]
@@ -727,38 +755,124 @@ class Executor:
         if any(m.training for m in self._modules):  # eval() itself walks and sets ~400 modules
             self._raw.eval()
 
-    def execute(self, payload: bytes, emit: Callable[[str, str], None]) -> Reply:
-        """Run one pickled call. Never raises for the call's own failures: they go in the reply."""
+    def _streams(self, emit: Callable[[str, str], None]) -> tuple[_Emitter, _Emitter]:
         if self.secrets:
             emit = (lambda send: lambda stream, text: send(stream, hide(text, self.secrets)))(emit)
-        out, err = _Emitter("stdout", emit), _Emitter("stderr", emit)
+        return _Emitter("stdout", emit), _Emitter("stderr", emit)
+
+    @contextlib.contextmanager
+    def _routed(self):
+        """sys.stdout/stderr routed for a call; yields `route(streams)` that picks whose cell gets prints."""
         foreign = {t.ident for t in threading.enumerate() if t is not threading.current_thread()}
-        start = time.perf_counter()
+        saved = sys.stdout, sys.stderr
+        out, err = _Routed(saved[0], foreign), _Routed(saved[1], foreign)
+
+        def route(streams: tuple[_Emitter, _Emitter] | None) -> None:
+            out.switch(streams and streams[0])
+            err.switch(streams and streams[1])
+
+        sys.stdout, sys.stderr = out, err
         try:
-            fn, args, kwargs = loads_call(payload)
-            saved = sys.stdout, sys.stderr
-            sys.stdout, sys.stderr = _Routed(out, saved[0], foreign), _Routed(err, saved[1], foreign)
-            try:
-                self.interruptible = True
-                if self.cancel_pending:
-                    raise CallCancelled()
-                value = fn(self.model, self.tokenizer, *args, **kwargs)
-            finally:
-                self.interruptible = False
-                sys.stdout, sys.stderr = saved
-                out.flush()
-                err.flush()
-            reply: Reply = {"ok": True, "value": dumps_result(value, self.secrets)}
-        except CallCancelled:
-            reply = _cancelled_reply()
-        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
-            reply = describe_exception(exc)
-            reply["message"], reply["traceback"] = (hide(reply[k], self.secrets) for k in ("message", "traceback"))
+            yield route
         finally:
-            self.interruptible = self.cancel_pending = False
-            self._restore()
+            sys.stdout, sys.stderr = saved
+            route(None)
+
+    @contextlib.contextmanager
+    def _user_code(self):
+        try:
+            self.interruptible = True
+            if self.stop_wanted(self.stepping):  # cancelled before it could be interrupted
+                raise CallCancelled()
+            yield
+        finally:
+            self.interruptible = False
+
+    def _reply(self, ok: bool, value: Any, start: float) -> Reply:
+        """A call's outcome as the reply its client gets."""
+        if ok:
+            try:
+                reply: Reply = {"ok": True, "value": dumps_result(value, self.secrets)}
+            except Exception as exc:  # noqa: BLE001 - a result that cannot travel is the call's error
+                ok, value = False, exc
+        if not ok:
+            if isinstance(value, CallCancelled):
+                reply = _cancelled_reply()
+            else:
+                reply = describe_exception(value)
+                reply["message"], reply["traceback"] = (hide(reply[k], self.secrets) for k in ("message", "traceback"))
         reply["seconds"] = time.perf_counter() - start
         return reply
+
+    def execute(self, payload: bytes, emit: Callable[[str, str], None]) -> Reply:
+        """Run one pickled call. Never raises for the call's own failures: they go in the reply."""
+        start = time.perf_counter()
+        try:
+            with self._routed() as route:
+                route(self._streams(emit))
+                fn, args, kwargs = loads_call(payload)
+                with self._user_code():
+                    value = fn(self.model, self.tokenizer, *args, **kwargs)
+            reply = self._reply(True, value, start)
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
+            reply = self._reply(False, exc, start)
+        finally:
+            self._restore()
+        return reply
+
+    def execute_merged(self, first, more: Callable[[], list], finished: Callable[[Any, Reply], None]) -> None:
+        """Run calls of batchable techniques together, their model work merged into batched calls
+        (techniques._batch). `first` and what `more()` hands over between rounds are (key, payload,
+        emit); `finished(key, reply)` is called as soon as each one is done. A call that is not a
+        batchable technique runs in its first step, in turn with the others."""
+        from techniques._batch import Lockstep
+
+        executor, started, streams = self, {}, {}
+
+        class Merged(Lockstep):
+            def entering(self, key) -> None:
+                executor.stepping = key
+                route(streams[key])
+
+            def finished(self, key, ok: bool, value) -> None:
+                route(None)
+                finished(key, {**executor._reply(ok, value, started[key]), "shared": self.widest.get(key, 1)})
+
+            def stopped_by(self, members: list) -> list:
+                return [m for m in members if executor.stop_wanted(m)]
+
+            def guard(self):
+                executor.stepping = None
+                route(None)
+                return contextlib.nullcontext()
+
+            def refill(self) -> None:
+                for key in [k for k in self.pending if executor.stop_wanted(k)]:  # cancelled between model calls
+                    self._step(key, self.pending.pop(key)[0], "throw", CallCancelled())
+                for key, payload, emit in more():
+                    self.join(key, payload, emit)
+
+            def join(self, key, payload: bytes, emit) -> None:
+                started[key], streams[key] = time.perf_counter(), executor._streams(emit)
+                try:
+                    fn, args, kwargs = loads_call(payload)
+                except BaseException as exc:  # noqa: BLE001
+                    self.finished(key, False, exc)
+                    return
+                steps = getattr(fn, "steps", None)
+                gen = steps(executor.model, executor.tokenizer, *args, **kwargs) if inspect.isgeneratorfunction(steps) \
+                    else _plain_steps(fn, executor.model, executor.tokenizer, *args, **kwargs)
+                self.add(key, gen)
+
+        try:
+            with self._routed() as route:
+                self.interruptible = True
+                run = Merged(self.model, self.tokenizer)
+                run.join(*first)
+                run.run()
+        finally:
+            self.interruptible, self.stepping = False, None
+            self._restore()
 
 
 def load_executor(spec: ModelSpec) -> Executor:
@@ -860,26 +974,43 @@ class _Call:
     conn: _Conn
     id: int
     payload: bytes
-    who: str  # the caller's label (a session id) for "queued behind ..." messages
+    who: str  # the caller's label (a session id) for "queued behind ..." messages and fair turns
+    merge: bool = False  # a batchable technique: may share batched model calls with others (execute_merged)
+    cancelled: bool = False
+    done: bool = False
+    why: str = ""  # who stopped it, when the worker itself did (the per-call limit)
+    limit: threading.Timer | None = None
+
+    def emit(self, stream: str, text: str) -> None:
+        self.conn.send({"op": "out", "id": self.id, "stream": stream, "text": text})
+
+    @property
+    def session(self) -> str:
+        return self.who.split(" (")[0]  # a session's background jobs take turns with the session itself
 
 
 class Worker:
-    """Serves calls from many clients, one at a time on the model, in arrival order.
+    """Serves calls from many clients on one model.
 
+    Calls take turns: the next call is the oldest of the session served least recently, so one
+    session's many calls do not starve another's. Calls of batchable techniques (generate_text,
+    analyze_token_probs, ...) that wait together run together, their model work merged into
+    batched calls, and more join between those calls; any other call runs alone.
     Messages to a client, per call: `queued` (with whose call runs now) if it has to wait,
-    `started`, `out` for its prints, then `result` — or `retry` if the worker must restart
+    `started`, `out` for its prints, then `result` -- or `retry` if the worker must restart
     before the call ran (the client sends it again to the next worker).
     A cancelled call that has not started is answered at once. A running one gets SIGINT;
     if it has not stopped CANCEL_GRACE seconds later, the worker exits and its owner starts a
-    fresh one: no call can hold the model forever.
+    fresh one: no call can hold the model forever. `max_call` (seconds, 0 = none) bounds every
+    call whatever timeout its client asked for.
     """
 
-    def __init__(self, spec: ModelSpec, socket_path: str, owner_pid: int):
-        self.spec, self.socket_path, self.owner_pid = spec, socket_path, owner_pid
+    def __init__(self, spec: ModelSpec, socket_path: str, owner_pid: int, max_call: float = 0):
+        self.spec, self.socket_path, self.owner_pid, self.max_call = spec, socket_path, owner_pid, max_call
         self.queue: list[_Call] = []
         self.ready = threading.Condition()
-        self.running: _Call | None = None
-        self.cancel_target: _Call | None = None
+        self.running: list[_Call] = []
+        self.turns: dict[str, int] = {}  # session -> when it was last served
         self.executor: Executor | None = None
 
     def serve(self) -> None:
@@ -888,11 +1019,8 @@ class Worker:
         threading.Thread(target=self._watch_owner, daemon=True).start()
         t0 = time.perf_counter()
         self.executor = load_executor(self.spec)
+        self.executor.stop_wanted = self._stop_wanted
         print(f"[scribe worker] model loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-        with contextlib.suppress(Exception):  # a model that cannot be timed this way still serves
-            profile = measure_speed(self.executor.model, self.executor.tokenizer)
-            with open(self.socket_path + ".profile.json", "w") as f:
-                json.dump(profile, f)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
@@ -903,18 +1031,72 @@ class Worker:
             os.umask(old_umask)
         server.listen(64)
         threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+        measured = False
         while True:
             with self.ready:
-                while not self.queue:
-                    self.ready.wait()
-                call = self.running = self.queue.pop(0)
-            call.conn.send({"op": "started", "id": call.id})
-            conn, call_id = call.conn, call.id
-            reply = self.executor.execute(call.payload, lambda s, t: conn.send(
-                {"op": "out", "id": call_id, "stream": s, "text": t}))
+                if not self.queue and not measured:
+                    call = None  # idle for the first time: measure the speed now, off the first call's path
+                else:
+                    while not self.queue:
+                        self.ready.wait()
+                    call = self._next()
+                    self.running = [call]
+            if call is None:
+                measured = True
+                self._measure_speed()
+                continue
+            self._start(call)
+            if call.merge:
+                self.executor.execute_merged((call, call.payload, call.emit), self._more, self._finish)
+            else:
+                self._finish(call, self.executor.execute(call.payload, call.emit))
             with self.ready:
-                self.running = self.cancel_target = None
-            conn.send({"op": "result", "id": call_id, **reply})
+                self.running = []
+
+    def _measure_speed(self) -> None:
+        with contextlib.suppress(Exception):  # a model that cannot be timed this way still serves
+            profile = measure_speed(self.executor.model, self.executor.tokenizer)
+            tmp = f"{self.socket_path}.profile.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(profile, f)
+            os.replace(tmp, self.socket_path + ".profile.json")
+
+    def _next(self) -> _Call:
+        """The oldest call of the session served least recently (under self.ready)."""
+        call = min(self.queue, key=lambda c: self.turns.get(c.session, -1))  # min keeps arrival order on ties
+        self.queue.remove(call)
+        self.turns[call.session] = max(self.turns.values(), default=0) + 1
+        return call
+
+    def _start(self, call: _Call) -> None:
+        call.conn.send({"op": "started", "id": call.id})
+        if self.max_call > 0:
+            call.limit = threading.Timer(self.max_call, self._cancel_call, args=(
+                call, f"the call ran past this server's limit of {self.max_call:g}s per call and was interrupted"))
+            call.limit.daemon = True
+            call.limit.start()
+
+    def _more(self) -> list:
+        """Batchable calls that may join a merged run now: those waiting ahead of any other call."""
+        with self.ready:
+            joining = []
+            while self.queue and self.queue[0].merge:
+                call = self.queue.pop(0)
+                self.turns[call.session] = max(self.turns.values(), default=0) + 1
+                joining.append(call)
+            self.running += joining
+        for call in joining:
+            self._start(call)
+        return [(call, call.payload, call.emit) for call in joining]
+
+    def _finish(self, call: _Call, reply: Reply) -> None:
+        with self.ready:
+            call.done = True
+        if call.limit is not None:
+            call.limit.cancel()
+        if reply.get("cancelled") and call.why:
+            reply = {**reply, "message": call.why}
+        call.conn.send({"op": "result", "id": call.id, **reply})
 
     def _accept(self, server: socket.socket) -> None:
         while True:
@@ -927,9 +1109,10 @@ class Worker:
             while True:
                 msg = recv_msg(conn.sock)
                 if msg["op"] == "call":
-                    call = _Call(conn, msg["id"], msg["payload"], msg.get("who") or "another client")
+                    call = _Call(conn, msg["id"], msg["payload"], msg.get("who") or "another client",
+                                 merge=call_merges(msg["payload"]))
                     with self.ready:
-                        ahead = self.running or (self.queue[0] if self.queue else None)
+                        ahead = self.running[0] if self.running else (self.queue[0] if self.queue else None)
                         self.queue.append(call)
                         self.ready.notify()
                     if ahead is not None:
@@ -948,32 +1131,44 @@ class Worker:
         with self.ready:
             dropped = [c for c in self.queue if c.conn is conn and call_id in (None, c.id)]
             self.queue = [c for c in self.queue if c not in dropped]
-            running = self.running
-            if running is not None and running.conn is conn and call_id in (None, running.id) \
-                    and self.cancel_target is not running:
-                self.cancel_target = running
-                self.executor.cancel_pending = True
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-                watchdog = threading.Timer(CANCEL_GRACE, self._stuck, args=(running,))
-                watchdog.daemon = True
-                watchdog.start()
+            running = [c for c in self.running if c.conn is conn and call_id in (None, c.id)]
+        for call in running:
+            self._cancel_call(call)
         for call in dropped:
             conn.send({"op": "result", "id": call.id, **_cancelled_reply("the call was cancelled before it started")})
 
+    def _cancel_call(self, call: _Call, why: str = "") -> None:
+        """Interrupt a running call; if it has not stopped CANCEL_GRACE seconds later, restart."""
+        with self.ready:
+            if call.done or call.cancelled or call not in self.running:
+                return
+            call.cancelled, call.why = True, why
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            watchdog = threading.Timer(CANCEL_GRACE, self._stuck, args=(call,))
+            watchdog.daemon = True
+            watchdog.start()
+
+    def _stop_wanted(self, key) -> bool:
+        """Whether to interrupt: the call whose code runs (key), or any call in a batched model call (None)."""
+        if key is not None:
+            return key.cancelled and not key.done
+        return any(c.cancelled and not c.done for c in self.running)
+
     def _on_interrupt(self, *_):
-        if self.executor is not None and self.executor.interruptible and self.cancel_target is self.running:
+        if self.executor is not None and self.executor.interruptible and self._stop_wanted(self.executor.stepping):
             raise CallCancelled()
 
     def _stuck(self, call: _Call) -> None:
         """A cancelled call ignored the interrupt: hand back the queue and make way for a new worker."""
         with self.ready:
-            if self.running is not call:
+            if call.done or call not in self.running:
                 return
-            for queued in self.queue:
-                queued.conn.send({"op": "retry", "id": queued.id})
-            call.conn.send({"op": "result", "id": call.id, **_cancelled_reply(
-                f"the call did not stop within {CANCEL_GRACE:g}s of being interrupted, so the model worker "
-                "was restarted (anything it held in memory is gone)")})
+            for other in self.queue + [c for c in self.running if not c.done and not c.cancelled]:
+                other.conn.send({"op": "retry", "id": other.id})  # they never ran, or may run again
+            for stuck in [c for c in self.running if not c.done and c.cancelled]:
+                stuck.conn.send({"op": "result", "id": stuck.id, **_cancelled_reply(
+                    f"the call did not stop within {CANCEL_GRACE:g}s of being interrupted, so the model worker "
+                    "was restarted (anything it held in memory is gone)")})
             print("[scribe worker] a cancelled call did not stop: exiting so a fresh worker takes over",
                   file=sys.stderr, flush=True)
             self._exit(75)

@@ -70,11 +70,19 @@ class Arch:
         raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
 
     def run_sites(self, model, ids, layers, component: str):
-        """One forward of `ids`: each layer's site activation and the logits (grad mode is the caller's)."""
+        """One forward of `ids`: each layer's site activation and the logits (grad mode is the caller's).
+
+        Under grad mode every site requires grad, so gradients reach it even when no weight does
+        (a PEFT organism's weights are all frozen, and autograd would have no graph at all)."""
+        import torch
+
         acts = {}
         with model.trace(ids):
             for layer in sorted(set(layers)):  # modules must be read in execution order
-                acts[layer] = self.site(model, layer, component).save()
+                site = self.site(model, layer, component)
+                if torch.is_grad_enabled() and not site.requires_grad:
+                    site.requires_grad_(True)
+                acts[layer] = site.save()
             logits = model.lm_head.output.save()
         return acts, logits
 
@@ -128,8 +136,8 @@ def encode(model, tokenizer, texts):
     """Tokenize one text or a batch (left-padded, so position -1 is every row's last token)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer(texts, return_tensors="pt", padding=True).to(raw(model).device)
+    # Per call, not tokenizer.padding_side: the tokenizer is shared with every other caller.
+    return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(raw(model).device)
 
 
 def token_id(tokenizer, text: str) -> int:
@@ -158,18 +166,6 @@ def chat_prompt(tokenizer, user: str, system: str | None = None) -> str:
         return f"User: {user}\nAssistant: "
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0) -> list[str]:
-    """Plain batched generation (greedy unless temperature > 0); returns only the new text."""
-    import torch
-
-    inputs = encode(model, tokenizer, prompts)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    with torch.no_grad():
-        out = raw(model).generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                  **sampling)
-    return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def top_tokens(tokenizer, probs, k: int) -> list:

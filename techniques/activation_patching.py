@@ -31,6 +31,7 @@ def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: st
     with torch.no_grad():
         clean_acts, clean_logits = a.run_sites(model, ids_clean, layers, component)
     clean_diff = float(clean_logits[0, -1, good] - clean_logits[0, -1, bad])
+    device = clean_logits.device
 
     # One row per (layer, column); each batch also carries an unpatched corrupted row first.
     cells = [(layer, col) for layer in layers for col in range(len(columns))]
@@ -47,18 +48,18 @@ def activation_patching(model, tokenizer, clean: str, corrupted: str, answer: st
             with torch.no_grad():
                 with model.trace(ids_corrupted.repeat(len(chunk) + 1, 1)):
                     for layer in sorted(writes):
-                        rows, pos = torch.tensor(writes[layer][0]), torch.tensor(writes[layer][1])
+                        rows, pos = (torch.tensor(v, device=device) for v in writes[layer])
                         a.site(model, layer, component)[rows, pos] = clean_acts[layer][0, pos]
                     logits = model.lm_head.output.save()
             batch_diffs = (logits[:, -1, good] - logits[:, -1, bad]).float()
-            unpatched = float(batch_diffs[0]) if unpatched is None else unpatched
+            unpatched = batch_diffs[0] if unpatched is None else unpatched  # read once at the end: no sync per batch
             diffs.append(batch_diffs[1:])
             progress.step(len(chunk))
     except KeyboardInterrupt:
         progress.interrupted()
-    corrupted_diff = unpatched
-    missing = torch.full((len(cells) - progress.done,), float("nan"))
-    raw_grid = torch.cat([*diffs, missing]).reshape(len(layers), len(columns))
+    corrupted_diff = float(unpatched)
+    missing = torch.full((len(cells) - progress.done,), float("nan"), device=device)
+    raw_grid = torch.cat([*diffs, missing]).reshape(len(layers), len(columns)).cpu()
 
     def cells_of(rows):  # the cells not reached (NaN) are None
         return [[None if v != v else v for v in row] for row in rows]

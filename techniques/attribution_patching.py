@@ -30,11 +30,10 @@ def attribution_patching(model, tokenizer, clean: str, corrupted: str, answer: s
         metric = logits[0, -1, good] - logits[0, -1, bad]
         grads = torch.autograd.grad(metric, list(corrupted_acts.values()))
     grad = dict(zip(corrupted_acts, grads))
-    grid = torch.zeros(len(layers), len(columns))
-    for i, layer in enumerate(layers):
-        per_position = ((clean_acts[layer] - corrupted_acts[layer].detach()) * grad[layer])[0].sum(-1)
-        for j, col in enumerate(columns):
-            grid[i, j] = per_position[col].sum()
+    # [layer, position] on the model's device, then one copy to the host (not one sync per cell)
+    per_position = torch.stack([((clean_acts[layer] - corrupted_acts[layer].detach()) * grad[layer])[0].sum(-1)
+                                for layer in layers]).float()
+    grid = torch.stack([per_position[:, col].sum(-1) for col in columns], 1).cpu()
     clean_diff = float(clean_logits[0, -1, good] - clean_logits[0, -1, bad])
     corrupted_diff = float(metric.detach())
     return GridResult({

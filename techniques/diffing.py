@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 
+from ._batch import Generate, Score, batchable
 from ._result import Progress, Result
 
 PROMPTS_PER_STEP = 4  # prompts generated and scored together between progress reports
@@ -32,14 +33,24 @@ def base_model(model):
     the block see base activations); with an experiment's `base_model`, it is that second model.
     Raises ValueError when the model has no base to compare with.
     """
+    with require_base(model)() as other:
+        yield model if other is None else other
+
+
+def has_base(model) -> bool:
     from ._arch import raw
 
-    switch = getattr(raw(model), "scribe_base", None)
-    if switch is None:
+    return getattr(raw(model), "scribe_base", None) is not None
+
+
+def require_base(model):
+    """The switch to the base model; ValueError when there is none."""
+    from ._arch import raw
+
+    if not has_base(model):
         raise ValueError("this model has no base to compare with: serve an experiment with an `adapter` "
                          "(or a `base_model` for a full fine-tune)")
-    with switch() as other:
-        yield model if other is None else other
+    return raw(model).scribe_base
 
 
 class DiffResult(Result):
@@ -60,6 +71,7 @@ class DiffResult(Result):
         return lines
 
 
+@batchable
 def compare_to_base(model, tokenizer, prompts: list[str] | str = "neutral", top_k: int = 20,
                     max_new_tokens: int = 24, chat: bool | None = None) -> dict:
     """Where a model organism differs from its base: favoured tokens, layers and generations.
@@ -81,57 +93,50 @@ def compare_to_base(model, tokenizer, prompts: list[str] | str = "neutral", top_
     """
     import torch
 
-    from ._arch import arch, chat_prompt, generate, raw
+    from ._arch import arch, chat_prompt, raw
 
     if isinstance(prompts, str):
         if prompts not in PROMPT_SETS:
             raise ValueError(f"prompts must be a list of prompts or one of {', '.join(PROMPT_SETS)}, got {prompts!r}")
         prompts = PROMPT_SETS[prompts]
     prompts = list(prompts or NEUTRAL_PROMPTS)
+    require_base(model)
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     texts = [chat_prompt(tokenizer, p) if chat else p for p in prompts]
     a = arch(model)
-
-    def score(m, full_ids, start):
-        with torch.no_grad():
-            out = raw(m)(full_ids, output_hidden_states=True)
-        return out.logits[0, start - 1:-1].float().log_softmax(-1), [h[0, start - 1].float() for h in out.hidden_states[1:]]
-
-    vocab = raw(model).get_output_embeddings().weight.shape[0]
-    rise = torch.zeros(vocab)
-    kl = torch.zeros(vocab)
-    layer_diffs = torch.zeros(a.n_layers)
+    head = raw(model).get_output_embeddings().weight
+    vocab, device = head.shape[0], head.device
+    # Sums stay on the model's device (one copy to the host at the end, not one per prompt).
+    rise = torch.zeros(vocab, device=device)
+    kl = torch.zeros(vocab, device=device)
+    layer_diffs = torch.zeros(a.n_layers, device=device)
     positions, organism_text, base_text = 0, [], []
     progress = Progress(len(texts), "compare_to_base")
     try:  # a few prompts at a time: an interrupt (a timeout, a cancel) keeps what is finished
         for first in range(0, len(texts), PROMPTS_PER_STEP):
-            chunk = texts[first:first + PROMPTS_PER_STEP]
-            answers = generate(model, tokenizer, chunk, max_new_tokens)
-            with base_model(model) as base:
-                plain = generate(base, tokenizer, chunk, max_new_tokens)
+            chunk = tuple(texts[first:first + PROMPTS_PER_STEP])
+            answers = yield Generate(chunk, max_new_tokens)
+            plain = yield Generate(chunk, max_new_tokens, base=True)
+            rows = []
             for text, answer in zip(chunk, answers):
-                prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-                answer_ids = tokenizer(answer, return_tensors="pt", add_special_tokens=False)["input_ids"]
-                if answer_ids.shape[1] == 0:
-                    continue
-                full = torch.cat([prompt_ids, answer_ids], 1).to(raw(model).device)
-                org_lp, org_h = score(model, full, prompt_ids.shape[1])
-                with base_model(model) as base:
-                    base_lp, base_h = score(base, full, prompt_ids.shape[1])
-                rise += (org_lp - base_lp).sum(0).cpu()
-                kl += (org_lp.exp() * (org_lp - base_lp)).sum(0).cpu()
+                answer_ids = tuple(tokenizer(answer, add_special_tokens=False)["input_ids"])
+                if answer_ids:
+                    rows.append((tuple(tokenizer(text, add_special_tokens=False)["input_ids"]), answer_ids))
+            scored = zip((yield Score(tuple(rows), detail=True)), (yield Score(tuple(rows), base=True, detail=True)))
+            for (org_lp, org_h), (base_lp, base_h) in scored:
+                rise += (org_lp - base_lp).sum(0)
+                kl += (org_lp.exp() * (org_lp - base_lp)).sum(0)
                 positions += org_lp.shape[0]
-                layer_diffs += torch.stack([(o - b).norm() / b.norm().clamp_min(1e-6)
-                                            for o, b in zip(org_h, base_h)]).cpu()
+                layer_diffs += torch.stack([(o - b).norm() / b.norm().clamp_min(1e-6) for o, b in zip(org_h, base_h)])
             organism_text += answers
             base_text += plain
             progress.step(len(chunk))
     except KeyboardInterrupt:
         progress.interrupted()
-    rise /= max(positions, 1)
-    kl /= max(positions, 1)
-    layer_diffs /= max(len(organism_text), 1)
+    rise = rise.cpu() / max(positions, 1)
+    kl = kl.cpu() / max(positions, 1)
+    layer_diffs = layer_diffs.cpu() / max(len(organism_text), 1)
     values, ids = kl.topk(min(top_k, vocab))
     return DiffResult({
         "top_tokens": [{"token": tokenizer.decode([i]), "id": int(i), "kl_contribution": float(v),
@@ -157,6 +162,7 @@ class CandidateScores(Result):
         return lines
 
 
+@batchable
 def score_candidates(model, tokenizer, prompts, candidates: list[str], chat: bool | None = None) -> dict:
     """Score candidate continuations after each prompt, on the organism and its base side by side.
 
@@ -169,48 +175,31 @@ def score_candidates(model, tokenizer, prompts, candidates: list[str], chat: boo
     Returns {"scores": [{"prompt", "candidates": [{"candidate", "tokens", "organism_logprob",
     "organism_prob", "base_logprob", "base_prob", "logprob_diff"}]}], "has_base"}.
     """
-    import torch
+    import math
 
-    from ._arch import chat_prompt, raw
+    from ._arch import chat_prompt
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not candidates or not all(isinstance(c, str) and c for c in candidates):
         raise ValueError("score_candidates needs at least one prompt and a list of non-empty candidate strings")
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
-    texts = [chat_prompt(tokenizer, p) if chat else p for p in prompts]
     pairs = []  # (prompt ids, candidate ids) for every prompt x candidate
-    for text in texts:
-        prompt_ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
-        for candidate in candidates:
-            pairs.append((prompt_ids, tokenizer(candidate, add_special_tokens=False)["input_ids"]))
-    width = max(len(p) + len(c) for p, c in pairs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([p + c + [pad] * (width - len(p) - len(c)) for p, c in pairs])  # right-padded
-    mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for p, c in pairs])
-
-    def logprobs(m) -> list[float]:
-        with torch.no_grad():
-            logits = raw(m)(input_ids=ids.to(raw(m).device), attention_mask=mask.to(raw(m).device)).logits
-        lp = logits.float().log_softmax(-1).cpu()
-        return [float(sum(lp[row, len(p) + k - 1, token] for k, token in enumerate(c)))
-                for row, (p, c) in enumerate(pairs)]
-
-    organism = logprobs(model)
-    try:
-        with base_model(model) as base:
-            base_scores = logprobs(base)
-    except ValueError:  # no base: the organism alone
-        base_scores = None
+    for prompt in prompts:
+        prompt_ids = tuple(tokenizer(chat_prompt(tokenizer, prompt) if chat else prompt,
+                                     add_special_tokens=not chat)["input_ids"])
+        pairs += [(prompt_ids, tuple(tokenizer(c, add_special_tokens=False)["input_ids"])) for c in candidates]
+    organism = [sum(lps) for lps in (yield Score(tuple(pairs)))]
+    base_scores = [sum(lps) for lps in (yield Score(tuple(pairs), base=True))] if has_base(model) else None
     scores = []
     for i, prompt in enumerate(prompts):
         rows = []
         for j, candidate in enumerate(candidates):
             k = i * len(candidates) + j
             row = {"candidate": candidate, "tokens": len(pairs[k][1]), "organism_logprob": organism[k],
-                   "organism_prob": float(torch.tensor(organism[k]).exp())}
+                   "organism_prob": math.exp(organism[k])}
             if base_scores is not None:
-                row.update(base_logprob=base_scores[k], base_prob=float(torch.tensor(base_scores[k]).exp()),
+                row.update(base_logprob=base_scores[k], base_prob=math.exp(base_scores[k]),
                            logprob_diff=organism[k] - base_scores[k])
             rows.append(row)
         scores.append({"prompt": prompt, "candidates": rows})

@@ -65,8 +65,10 @@ def train_probe(model, tokenizer, texts: list[str], labels: list, layers: list[i
         raise ValueError("train_probe needs at least two different labels")
     layers = arch(model).layers(layers)
     x = _collect(model, tokenizer, texts, layers, position)
-    y = torch.tensor([classes.index(label) for label in labels])
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
+    device = x.device  # the probe trains where the activations are
+    y = torch.tensor([classes.index(label) for label in labels], device=device)
+    # host: the split is drawn on the CPU's generator, so a seed gives the same split on every device
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).to(device)
     n_test = max(1, round(len(texts) * test_fraction))
     if len(texts) - n_test < len(classes):
         raise ValueError(f"too few texts ({len(texts)}) to hold out {n_test} and still train on every class")
@@ -76,7 +78,7 @@ def train_probe(model, tokenizer, texts: list[str], labels: list, layers: list[i
         feats = x[:, i]
         mean, std = feats[train].mean(0), feats[train].std(0) + 1e-6
         feats = (feats - mean) / std
-        probe = torch.nn.Linear(feats.shape[1], len(classes))
+        probe = torch.nn.Linear(feats.shape[1], len(classes), device=device)
         opt = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-3)
         with torch.enable_grad():
             for _ in range(steps):

@@ -15,7 +15,8 @@ def steering(model, tokenizer, prompt: str, vector, layers, alpha: float = 4.0, 
 
     import torch
 
-    from ._arch import arch, chat_prompt, encode, generate, raw
+    from ._arch import arch, chat_prompt, encode, raw
+    from .generation import generate_text
 
     a = arch(model)
     layers = a.layers(layers)
@@ -41,7 +42,7 @@ def steering(model, tokenizer, prompt: str, vector, layers, alpha: float = 4.0, 
             with tracer.invoke():
                 out = tracer.result.save()
     steered = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return {"prompt": text, "baseline": generate(model, tokenizer, [text], max_new_tokens)[0],
+    return {"prompt": text, "baseline": generate_text(model, tokenizer, text, max_new_tokens, chat=False),
             "steered": steered, "alpha": alpha, "layers": layers}
 
 

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from ._batch import NextToken, batchable
 from ._result import Result
 
 
+@batchable
 def analyze_token_probs(model, tokenizer, text: str, top_k: int = 10, targets: list[str] | None = None) -> dict:
     """Next-token distribution after `text`: the top-k tokens and the probability of chosen targets.
 
@@ -11,13 +13,9 @@ def analyze_token_probs(model, tokenizer, text: str, top_k: int = 10, targets: l
 
     Tutorial: tutorials/02_logit_lens.ipynb
     """
-    import torch
+    from ._arch import token_id, top_tokens
 
-    from ._arch import encode, raw, token_id, top_tokens
-
-    inputs = encode(model, tokenizer, text)
-    with torch.no_grad():
-        logits = raw(model)(**inputs).logits[0, -1].float()
+    (logits,) = yield NextToken((text,))
     probs = logits.softmax(-1)
     return Result({
         "top": top_tokens(tokenizer, probs, top_k),

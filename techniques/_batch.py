@@ -1,0 +1,251 @@
+"""Black-box techniques as steps, so that calls made at the same time share one batched pass.
+
+A technique decorated with `@batchable` is written as a generator: it yields requests for model
+work (`Generate` these prompts, `NextToken` after these texts, `Score` these continuations) and
+gets each result back. Called as a plain function it runs its own requests one by one. The model
+worker runs the techniques that several sessions call at the same time in lockstep (`Lockstep`)
+and merges their requests of one kind into one batched generate or forward: on a GPU, K calls
+cost about what one does. Each row is computed as it would be alone (left-padded generation,
+right-padded scoring), so results equal a lone call's up to floating-point rounding, and greedy
+text is the same.
+
+Light at import (no torch), like the rest of techniques/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+SCORE_ROWS = 16  # rows per scoring forward: bounds the [rows, tokens, vocab] log-probs held at once
+
+
+@dataclass(frozen=True)
+class Generate:
+    """New text after each prompt (greedy unless temperature > 0)."""
+
+    prompts: tuple[str, ...]
+    max_new_tokens: int
+    temperature: float = 0.0
+    base: bool = False
+
+    def key(self):
+        return ("generate", self.base, self.temperature)
+
+
+@dataclass(frozen=True)
+class NextToken:
+    """The next-token logits after each text (float32, on the model's device)."""
+
+    texts: tuple[str, ...]
+    base: bool = False
+
+    def key(self):
+        return ("next", self.base)
+
+
+@dataclass(frozen=True)
+class Score:
+    """Each row is (prompt ids, continuation ids). Per row: the continuation's token log-probs
+    (a list of floats), or with `detail` the full log-softmax at those positions [n, vocab] and
+    each layer's residual at the last prompt position."""
+
+    rows: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+    base: bool = False
+    detail: bool = False
+
+    def key(self):
+        return ("score", self.base, self.detail)
+
+
+def batchable(steps):
+    """The plain function of a technique written as steps; `fn.steps` is the generator function."""
+
+    @functools.wraps(steps)
+    def technique(model, tokenizer, *args, **kwargs):
+        return alone(model, tokenizer, steps(model, tokenizer, *args, **kwargs))
+
+    technique.steps = steps
+    return technique
+
+
+def alone(model, tokenizer, gen):
+    """Run one technique's steps (an interrupt reaches the technique, which may return what it finished)."""
+    run = Lockstep(model, tokenizer)
+    run.add(0, gen)
+    run.run()
+    ok, value = run.outcomes[0]
+    if not ok:
+        raise value
+    return value
+
+
+class Lockstep:
+    """Runs several techniques' steps together. Each round, the pending requests of one kind
+    (and model: organism or base) are merged into one batched call and the results handed back.
+
+    Hooks for the worker: `entering(key)` before a technique's code runs (its prints), `finished(key,
+    ok, value)` as soon as one is done, `stopped_by(members)` which of the techniques in a
+    batched call an interrupt was meant for, `guard()` the context a batched call runs in,
+    `refill()` between rounds (more techniques may join)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.pending: dict = {}  # key -> (generator, its request)
+        self.outcomes: dict = {}
+        self.widest: dict = {}  # key -> the most techniques one of its batched calls served (1: alone)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def entering(self, key) -> None:
+        pass
+
+    def finished(self, key, ok: bool, value) -> None:
+        self.outcomes[key] = (ok, value)
+
+    def stopped_by(self, members: list) -> list:
+        return members  # alone: an interrupt (Ctrl-C) is meant for everyone
+
+    def guard(self):
+        return contextlib.nullcontext()
+
+    def refill(self) -> None:
+        pass
+
+    # -- the loop -------------------------------------------------------------------------------
+    def add(self, key, gen) -> None:
+        self._step(key, gen, "send", None)
+
+    def _step(self, key, gen, how: str, value) -> None:
+        self.entering(key)
+        try:
+            request = gen.send(value) if how == "send" else gen.throw(value)
+        except StopIteration as stop:
+            self.finished(key, True, stop.value)
+        except BaseException as exc:  # noqa: BLE001 - the technique's own error, or the interrupt it did not catch
+            self.finished(key, False, exc)
+        else:
+            self.pending[key] = (gen, request)
+
+    def run(self) -> None:
+        while self.pending:
+            self.refill()
+            groups: dict = {}
+            for key, (_, request) in self.pending.items():
+                groups.setdefault(request.key(), []).append(key)
+            for members in groups.values():
+                self._serve([m for m in members if m in self.pending])
+
+    def _serve(self, members: list) -> None:
+        if not members:
+            return
+        requests = [self.pending[m][1] for m in members]
+        try:
+            with self.guard():
+                results = execute(self.model, self.tokenizer, requests)
+        except KeyboardInterrupt as exc:
+            for m in self.stopped_by(members):  # they may still return what they finished
+                self._step(m, self.pending.pop(m)[0], "throw", exc)
+            return  # the others' request is served again next round
+        except Exception as exc:
+            if len(members) > 1:  # one member's bad input must not fail the others: each alone, so only it fails
+                for m in members:
+                    self._serve([m])
+                return
+            self._step(members[0], self.pending.pop(members[0])[0], "throw", exc)
+            return
+        for m, result in zip(members, results):
+            self.widest[m] = max(self.widest.get(m, 1), len(members))
+            self._step(m, self.pending.pop(m)[0], "send", result)
+
+
+# ---------------------------------------------------------------------------
+# The batched model calls
+# ---------------------------------------------------------------------------
+
+
+def execute(model, tokenizer, requests: list) -> list:
+    """Serve requests of one kind with one batched call; a result per request."""
+    from .diffing import base_model
+
+    first = requests[0]
+    context = base_model(model) if first.base else contextlib.nullcontext(model)
+    with context as m:
+        if isinstance(first, Generate):
+            return _generate(m, tokenizer, requests)
+        if isinstance(first, NextToken):
+            return _split([r.texts for r in requests], _next_token(m, tokenizer, [t for r in requests for t in r.texts]))
+        if isinstance(first, Score):
+            rows = [row for r in requests for row in r.rows]
+            scored = []
+            for start in range(0, len(rows), SCORE_ROWS):
+                scored += _score(m, tokenizer, rows[start:start + SCORE_ROWS], first.detail)
+            return _split([r.rows for r in requests], scored)
+    raise TypeError(f"unknown request {type(first).__name__}")
+
+
+def _split(parts, flat: list) -> list:
+    out, start = [], 0
+    for part in parts:
+        out.append(flat[start:start + len(part)])
+        start += len(part)
+    return out
+
+
+def _generate(model, tokenizer, requests: list[Generate]) -> list[list[str]]:
+    """One generate over every request's prompts, to the longest max_new_tokens; each row is cut
+    to its own request's length (greedy tokens do not depend on how far generation goes)."""
+    import torch
+
+    from ._arch import encode, raw
+
+    prompts = [p for r in requests for p in r.prompts]
+    limits = [r.max_new_tokens for r in requests for _ in r.prompts]
+    inputs = encode(model, tokenizer, prompts)
+    temperature = requests[0].temperature
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        out = raw(model).generate(**inputs, max_new_tokens=max(limits), pad_token_id=tokenizer.pad_token_id,
+                                  **sampling)
+    width = inputs["input_ids"].shape[1]
+    texts = tokenizer.batch_decode([row[width:width + n] for row, n in zip(out.tolist(), limits)],
+                                   skip_special_tokens=True)
+    return _split([r.prompts for r in requests], texts)
+
+
+def _next_token(model, tokenizer, texts: list[str]) -> list:
+    import torch
+
+    from ._arch import encode, raw
+
+    inputs = encode(model, tokenizer, texts)
+    with torch.no_grad():
+        logits = raw(model)(**inputs).logits[:, -1].float()
+    return list(logits)
+
+
+def _score(model, tokenizer, rows, detail: bool) -> list:
+    """Right-padded forward over (prompt, continuation) rows: padding sits after every real
+    token, so no real position attends to it."""
+    import torch
+
+    from ._arch import raw
+
+    hf = raw(model)
+    device = hf.get_output_embeddings().weight.device
+    width = max(len(p) + len(c) for p, c in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([list(p) + list(c) + [pad] * (width - len(p) - len(c)) for p, c in rows], device=device)
+    mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for p, c in rows], device=device)
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask, output_hidden_states=detail)
+    results = []
+    for i, (p, c) in enumerate(rows):
+        start = len(p) - 1  # the logits at position t predict token t + 1
+        lp = out.logits[i, start:start + len(c)].float().log_softmax(-1)
+        if detail:
+            results.append((lp, [h[i, start].float() for h in out.hidden_states[1:]]))
+        else:
+            taken = lp.gather(-1, torch.tensor(c, device=device)[:, None])[:, 0]
+            results.append(taken.tolist())
+    return results
