@@ -338,7 +338,7 @@ def _map_placeholders(embedding, base: int, real: list[int]) -> None:
     """
     import torch
 
-    table = torch.cat([torch.arange(base), torch.tensor(real, dtype=torch.long)])
+    table = torch.cat([torch.arange(base), torch.tensor(real, dtype=torch.long)])  # host: copied per device below
     on_device: dict = {}
     cls = type(embedding)
 
@@ -908,6 +908,19 @@ def measure_speed(model, tokenizer) -> dict:
             "generated_tokens_per_s": round(batch * new / generate_s, 1), "threads": torch.get_num_threads()}
 
 
+def speed_line(socket_path: str) -> str:
+    """The speed the worker at socket_path measured, as one line for the agent ("" until it has)."""
+    try:
+        p = json.loads(Path(socket_path + ".profile.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return (f"Speed (measured at load, {p['device']}, {p['dtype']}, {p['threads']} threads): a forward pass over 32 "
+            f"tokens takes {p['forward_ms_32_tokens']:.0f} ms; batched greedy generation makes "
+            f"{p['generated_tokens_per_s']:.0f} tokens/s over {p['batch']} prompts. Calls share the model with other "
+            "sessions (generate_text, analyze_token_probs and the other black-box techniques called at the same time "
+            "share one batched pass), and a busy machine is slower: bound long calls with client.run(fn, timeout=...).")
+
+
 def describe_exception(exc: BaseException) -> dict:
     """The remote error as plain data, with the worker's own frames cut from the traceback."""
     tb = exc.__traceback__
@@ -1198,8 +1211,10 @@ class WorkerDiedError(RuntimeError):
     """The worker process went away during a call."""
 
 
-def start_worker(spec: ModelSpec, socket_path: str, owner_pid: int, env: dict | None = None) -> subprocess.Popen:
-    """Spawn a worker process (no waiting). It exits by itself when owner_pid exits.
+def start_worker(spec: ModelSpec, socket_path: str, owner_pid: int, env: dict | None = None,
+                 max_call: float = 0) -> subprocess.Popen:
+    """Spawn a worker process (no waiting). It exits by itself when owner_pid exits; `max_call`
+    seconds (0: none) bound every call whatever timeout its client asks for.
 
     The spec travels on stdin, not argv or the environment: /proc/PID/cmdline and environ are
     readable by anyone running as the same user, and the spec may name a hidden model.
@@ -1212,7 +1227,8 @@ def start_worker(spec: ModelSpec, socket_path: str, owner_pid: int, env: dict | 
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
     with open(socket_path + ".log", "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--socket", socket_path, "--owner", str(owner_pid)],
+            [sys.executable, str(Path(__file__).resolve()), "--socket", socket_path, "--owner", str(owner_pid),
+             "--max-call", str(max_call)],
             stdin=subprocess.PIPE, stdout=log, stderr=log, env=env,
             start_new_session=True,  # Ctrl-C in the user's terminal is not meant for the worker
         )
@@ -1297,8 +1313,8 @@ class WorkerSupervisor:
     runs with the server's chosen environment (e.g. HF_TOKEN) that kernels never see.
     """
 
-    def __init__(self, spec: ModelSpec, socket_path: str, env: dict):
-        self.spec, self.socket_path, self.env = spec, socket_path, env
+    def __init__(self, spec: ModelSpec, socket_path: str, env: dict, max_call: float = 0):
+        self.spec, self.socket_path, self.env, self.max_call = spec, socket_path, env, max_call
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._closed = False
@@ -1312,7 +1328,7 @@ class WorkerSupervisor:
                 os.unlink(self.socket_path + ".error")
             log = self.socket_path + ".log"
             start = os.path.getsize(log) if os.path.exists(log) else 0
-            self._proc = start_worker(self.spec, self.socket_path, os.getpid(), self.env)
+            self._proc = start_worker(self.spec, self.socket_path, os.getpid(), self.env, self.max_call)
             threading.Thread(target=self._watch, args=(self._proc, start), daemon=True).start()
 
     def running(self) -> bool:
@@ -1791,6 +1807,20 @@ class InterpClient:
     def model_name(self) -> str:
         return self.backend.model_name
 
+    @property
+    def speed(self) -> str:
+        """Where the model runs and how fast: the worker measures it once, when it is first idle
+        after loading. Waits for that (up to 2 minutes) if it is still loading."""
+        path = getattr(self.backend, "socket_path", None)
+        if path is None:
+            return "the speed is measured only for a worker on this machine: time a call to size yours"
+        with self._lock:
+            self.backend.connect()  # a private worker starts if it has not yet
+        deadline = time.monotonic() + 120
+        while not (line := speed_line(path)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return line or "the speed is not measured yet (the model is still loading)"
+
     def run(self, fn: Callable, *args, timeout: float | None = None, **kwargs) -> Any:
         """Call fn(model, tokenizer, *args, **kwargs) in the worker and return its result.
 
@@ -1945,9 +1975,10 @@ def _worker_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description="Scribe model worker (started by InterpClient)")
     parser.add_argument("--socket", required=True)
     parser.add_argument("--owner", type=int, required=True)
+    parser.add_argument("--max-call", type=float, default=0, help="seconds any one call may run (0: no bound)")
     args = parser.parse_args(argv)
     spec = ModelSpec.from_json(sys.stdin.readline())  # see start_worker: never in argv
-    Worker(spec, args.socket, args.owner).serve()
+    Worker(spec, args.socket, args.owner, args.max_call).serve()
 
 
 if __name__ == "__main__":

@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the model worker already serving at PATH (started by `audit` for the runs of one "
                         "experiment) instead of starting one; it must serve this server's model or experiment "
                         "[SCRIBE_SHARED_WORKER]")
+    p.add_argument("--max-call", type=float, default=float(_env("MAX_CALL", "0")), metavar="SECONDS",
+                   help="the longest any one client.run or job may run on the model, whatever timeout it asks for; "
+                        "0 = no bound beyond the client's own [SCRIBE_MAX_CALL, default %(default)s]")
     p.add_argument("--preload", action=argparse.BooleanOptionalAction,
                    default=_env("PRELOAD", "1") not in ("0", "false", "no"),
                    help="load the model in the background at start-up so the first client.run "
@@ -379,7 +382,8 @@ class Scribe:
         self.worker = None
         if args.mode != "modal" and not args.worker_socket:  # on Modal the container loads the model
             self.worker = gpu.WorkerSupervisor(self.spec, socket_path, child_env(args.mode, WORKER_SECRETS,
-                                                                                 args.pass_env, args.threads))
+                                                                                 args.pass_env, args.threads),
+                                               max_call=args.max_call)
             if args.preload:
                 self.worker.ensure()
         self.sessions = kernel.SessionManager(
@@ -394,23 +398,14 @@ class Scribe:
         if self.worker is not None:
             self.worker.ensure()
 
-    def speed(self, wait: float = 60.0) -> str:
-        """What the worker measured when the model loaded (waiting for it up to `wait` s)."""
+    def speed(self) -> str:
+        """What the worker measured once it had loaded the model; never waits for it (an agent's
+        first call must not wait for the model to load)."""
         if self.mode == "modal":
             return "Speed: measured in the Modal container, not here: time a call with client.run to size yours."
-        path = Path(self.socket_path + ".profile.json")
-        deadline = time.monotonic() + wait
-        while not path.exists() and time.monotonic() < deadline and (self.worker is None or self.worker.running()):
-            time.sleep(0.1)
-        try:
-            p = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return "Speed: not measured yet (the model is still loading); time a first call to size yours."
-        return (f"Speed (measured at load, {p['device']}, {p['dtype']}, {p['threads']} threads): a forward pass "
-                f"over 32 tokens takes {p['forward_ms_32_tokens']:.0f} ms; batched greedy generation makes "
-                f"{p['generated_tokens_per_s']:.0f} tokens/s over {p['batch']} prompts. Calls run one at a time on "
-                "the model, shared with other sessions, and a busy machine is slower: bound long calls with "
-                "client.run(fn, timeout=...).")
+        return gpu.speed_line(self.socket_path) or (
+            "Speed: being measured while the model loads; `print(client.speed)` in a cell shows it once it is "
+            "(a forward pass and batched generation, for sizing your calls).")
 
     def close(self) -> None:
         """Save every notebook, stop every kernel and the worker, remove runtime files (once)."""
@@ -763,8 +758,7 @@ def build_server(scribe: Scribe) -> MCPServer:
             _session(sessions, session_id)
         scribe.ensure_worker()
         catalog = await _blocking(_technique_catalog, scribe.offered)
-        speed = await _blocking(scribe.speed)
-        return _text_result(init_text(scribe, catalog, speed))
+        return _text_result(init_text(scribe, catalog, scribe.speed()))
 
     @mcp.tool(annotations=DESTROYS, structured_output=True)
     async def shutdown_session(session_id: SessionId) -> ShutdownInfo:

@@ -30,6 +30,14 @@ class Generate:
     temperature: float = 0.0
     base: bool = False
 
+    def __post_init__(self):  # checked in the caller's step: a bad call fails alone, never its batch
+        if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+
     def key(self):
         return ("generate", self.base, self.temperature)
 
@@ -40,6 +48,10 @@ class NextToken:
 
     texts: tuple[str, ...]
     base: bool = False
+
+    def __post_init__(self):
+        if not all(isinstance(t, str) and t for t in self.texts):
+            raise ValueError("text must be a non-empty string")
 
     def key(self):
         return ("next", self.base)
@@ -56,7 +68,7 @@ class Score:
     detail: bool = False
 
     def key(self):
-        return ("score", self.base, self.detail)
+        return ("score", self.base)
 
 
 def batchable(steps):
@@ -176,10 +188,10 @@ def execute(model, tokenizer, requests: list) -> list:
         if isinstance(first, NextToken):
             return _split([r.texts for r in requests], _next_token(m, tokenizer, [t for r in requests for t in r.texts]))
         if isinstance(first, Score):
-            rows = [row for r in requests for row in r.rows]
+            rows = [(row, r.detail) for r in requests for row in r.rows]
             scored = []
             for start in range(0, len(rows), SCORE_ROWS):
-                scored += _score(m, tokenizer, rows[start:start + SCORE_ROWS], first.detail)
+                scored += _score(m, tokenizer, rows[start:start + SCORE_ROWS])
             return _split([r.rows for r in requests], scored)
     raise TypeError(f"unknown request {type(first).__name__}")
 
@@ -224,23 +236,24 @@ def _next_token(model, tokenizer, texts: list[str]) -> list:
     return list(logits)
 
 
-def _score(model, tokenizer, rows, detail: bool) -> list:
-    """Right-padded forward over (prompt, continuation) rows: padding sits after every real
-    token, so no real position attends to it."""
+def _score(model, tokenizer, rows) -> list:
+    """Right-padded forward over ((prompt, continuation), detail) rows: padding sits after every
+    real token, so no real position attends to it."""
     import torch
 
     from ._arch import raw
 
     hf = raw(model)
     device = hf.get_output_embeddings().weight.device
-    width = max(len(p) + len(c) for p, c in rows)
+    width = max(len(p) + len(c) for (p, c), _ in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([list(p) + list(c) + [pad] * (width - len(p) - len(c)) for p, c in rows], device=device)
-    mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for p, c in rows], device=device)
+    ids = torch.tensor([[*p, *c] + [pad] * (width - len(p) - len(c)) for (p, c), _ in rows], device=device)
+    mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for (p, c), _ in rows],
+                        device=device)
     with torch.no_grad():
-        out = hf(input_ids=ids, attention_mask=mask, output_hidden_states=detail)
+        out = hf(input_ids=ids, attention_mask=mask, output_hidden_states=any(detail for _, detail in rows))
     results = []
-    for i, (p, c) in enumerate(rows):
+    for i, ((p, c), detail) in enumerate(rows):
         start = len(p) - 1  # the logits at position t predict token t + 1
         lp = out.logits[i, start:start + len(c)].float().log_softmax(-1)
         if detail:
