@@ -186,11 +186,22 @@ def gguf_cache(gguf: Path, spec: ModelSpec) -> Path:
     return target
 
 
-def load_model(spec: ModelSpec):
-    """Load the model and tokenizer and wrap the model in nnsight. Returns (model, tokenizer)."""
+def load_model(spec: ModelSpec, timings: dict | None = None):
+    """Load the model and tokenizer and wrap the model in nnsight. Returns (model, tokenizer).
+    `timings` gets the seconds each step took (imports, tokenizer, weights, adapter, ...)."""
+    last = [time.perf_counter()]
+
+    def done(step: str) -> None:
+        now = time.perf_counter()
+        if timings is not None:
+            timings[step] = round(now - last[0], 3)
+        last[0] = now
+
     import torch
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    done("imports (torch, transformers, nnsight)")
 
     if spec.remote == "ndif":
         # NDIF holds the weights: load only the config and tokenizer (a meta-device model).
@@ -212,7 +223,9 @@ def load_model(spec: ModelSpec):
                                                     attn_implementation=spec.attn_implementation).eval()
 
     tokenizer = AutoTokenizer.from_pretrained(path)
+    done("tokenizer")
     hf_model, base_switch, beside = load(path), None, []
+    done("weights, loaded onto the device")
     if spec.adapter:
         from peft import PeftModel
 
@@ -228,13 +241,17 @@ def load_model(spec: ModelSpec):
         base_switch = lambda: contextlib.nullcontext(base)  # noqa: E731
     if base_switch is not None:
         hf_model.scribe_base = base_switch
+    done("adapter or base model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if spec.system_prompt or spec.alias:
         _hide_in_tokens([hf_model, *beside], tokenizer, spec.system_prompt, hide_default=bool(spec.alias))
     if spec.alias:
         _rename(hf_model, tokenizer, spec.alias)
-    return TransformersModel(hf_model, tokenizer=tokenizer), tokenizer
+    done("experiment (hidden prompt, alias)")
+    wrapped = TransformersModel(hf_model, tokenizer=tokenizer)
+    done("nnsight wrap")
+    return wrapped, tokenizer
 
 
 HIDDEN_TOKEN = "<hidden_{}>"
@@ -730,6 +747,7 @@ class Executor:
         self.interruptible = False
         self.stepping = None  # in a merged run: the call whose code runs now (None: a batched model call)
         self.stop_wanted: Callable[[Any], bool] = lambda key: False
+        self.timings: dict = {}  # where loading the model took its time (load_executor)
         self._raw = getattr(model, "_module", model)  # the HF module behind the nnsight wrapper
         self._modules = list(self._raw.modules())
         self._tables = [t for m in self._modules for t in _hook_tables(m, "_")]
@@ -876,12 +894,18 @@ class Executor:
 
 
 def load_executor(spec: ModelSpec) -> Executor:
-    """What both the local worker and the Modal container hold: the model behind an Executor."""
-    model, tokenizer = load_model(spec)
+    """What both the local worker and the Modal container hold: the model behind an Executor.
+    Its `timings` say where the load's time went."""
+    timings: dict = {}
+    model, tokenizer = load_model(spec, timings)
     if spec.remote:
         model = remote_by_default(model, spec.remote)
     renamed = tuple(getattr(getattr(model, "_module", model), "scribe_renamed", ()))
-    return Executor(model, tokenizer, secrets_of(spec, renamed))
+    start = time.perf_counter()
+    executor = Executor(model, tokenizer, secrets_of(spec, renamed))
+    timings["call bookkeeping (hook tables)"] = round(time.perf_counter() - start, 3)
+    executor.timings.update(timings)
+    return executor
 
 
 def measure_speed(model, tokenizer) -> dict:
@@ -1033,7 +1057,8 @@ class Worker:
         t0 = time.perf_counter()
         self.executor = load_executor(self.spec)
         self.executor.stop_wanted = self._stop_wanted
-        print(f"[scribe worker] model loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        steps = ", ".join(f"{k} {v:.2f}s" for k, v in self.executor.timings.items())
+        print(f"[scribe worker] model loaded in {time.perf_counter() - t0:.1f}s ({steps})", file=sys.stderr, flush=True)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
@@ -1068,7 +1093,10 @@ class Worker:
 
     def _measure_speed(self) -> None:
         with contextlib.suppress(Exception):  # a model that cannot be timed this way still serves
+            start = time.perf_counter()
             profile = measure_speed(self.executor.model, self.executor.tokenizer)
+            profile["cold_start"] = {**self.executor.timings,
+                                     "speed measurement (after serving)": round(time.perf_counter() - start, 3)}
             tmp = f"{self.socket_path}.profile.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
                 json.dump(profile, f)

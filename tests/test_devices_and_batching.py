@@ -4,7 +4,9 @@ share the model (batched together, in fair turns, bounded), and a start-up that 
 from __future__ import annotations
 
 import ast
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -343,3 +345,18 @@ def test_init_session_never_waits_for_the_model_and_client_speed_tells_it_later(
     init, speed = anyio.run(scenario)
     assert "Speed: being measured while the model loads; `print(client.speed)` in a cell shows it" in init, init
     assert "Speed (measured at load, cpu, float32" in speed and "tokens/s over 4 prompts" in speed, speed
+
+
+def test_the_gpu_check_runs_its_checks_on_a_cpu(tmp_path):
+    """bench/gpu.py is what runs on a lent GPU: its code runs here on a tiny model, every check passing."""
+    out = tmp_path / "gpu_results.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900, env=server_env())
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    names = {r["name"] for r in rows}
+    # all 17 techniques (get_model_info..compare_to_base) checked on the organism
+    assert sum(r["section"] == "techniques llama-tiny + LoRA" for r in rows) == 17 and not [r for r in rows if r["ok"] is False]
+    assert {"logit lens, every layer", "activation patching, every layer x position", "worker spawn -> first reply",
+            "nnsight wrap", "max |logit difference| vs the plain text"} <= names
+    assert any(n.startswith("K=4 concurrent generate_text") for n in names)
