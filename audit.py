@@ -19,17 +19,17 @@ Inspect is an optional install (`pip install -e '.[audit]'`); the rest of Scribe
 module except `scribe_mcp.py audit`, which says how to install Inspect when it is missing.
 """
 
-import argparse
 import csv
 import json
 import math
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +47,6 @@ sys.path.insert(0, str(HERE))  # `inspect eval audit.py` loads this file as a sc
 
 import experiment  # noqa: E402
 import gpu  # noqa: E402
-import scribe_mcp  # noqa: E402
 
 AGENTS = ("react", *experiment.AGENTS)
 SUBMIT = """
@@ -81,9 +80,9 @@ class Workers:
     sends its calls to Modal.
     """
 
-    def __init__(self, mode: str = "local", threads: int = 0):
-        self.mode = mode
-        self.env = scribe_mcp.child_env("local", scribe_mcp.WORKER_SECRETS, [], threads)
+    def __init__(self, mode: str = "local", threads: int = 0, max_call: float = 600):
+        self.mode, self.max_call = mode, max_call
+        self.env = gpu.child_env("local", gpu.WORKER_SECRETS, [], threads)
         self.runtime = Path(tempfile.mkdtemp(prefix=f"scribe-{os.getpid()}-"))  # removed with its owner
         self._lock = threading.Lock()
         self._started: dict[Path, gpu.WorkerSupervisor] = {}
@@ -97,7 +96,9 @@ class Workers:
             worker = self._started.get(exp.path)
             if worker is None:
                 socket_path = str(self.runtime / f"worker-{len(self._started)}.sock")
-                worker = gpu.WorkerSupervisor(scribe_mcp.experiment_spec(gpu.ModelSpec(), exp), socket_path, self.env)
+                # pristine: a run that edits the weights in place restarts the worker, so no other run sees it
+                worker = gpu.WorkerSupervisor(experiment.model_spec(exp), socket_path, self.env,
+                                              max_call=self.max_call, pristine=True)
                 worker.ensure()
                 self._started[exp.path] = worker
         gpu.connect_worker(None, worker.socket_path, os.getpid()).close()
@@ -163,11 +164,20 @@ def _hidden(text: str, exp: experiment.Experiment) -> str:
     return text
 
 
+def prompt_text(exp: experiment.Experiment) -> str:
+    """The agent's prompt, as `scribe_mcp.py prompt FILE` prints it (the live server's tools and conventions)."""
+    run = subprocess.run([sys.executable, str(HERE / "scribe_mcp.py"), "prompt", str(exp.path)], capture_output=True,
+                         text=True, timeout=300, env=server_env())
+    if run.returncode != 0:
+        raise AuditError((run.stderr.strip().splitlines() or [f"prompt exited {run.returncode}"])[-1].removeprefix("scribe: "))
+    return run.stdout
+
+
 def samples(exps: list[experiment.Experiment]) -> list:
-    with ThreadPoolExecutor(1) as thread:  # `inspect eval` makes the task inside its event loop
-        parts = thread.submit(scribe_mcp.prompt_parts).result()
-    return [Sample(id=exp.name, input=experiment.prompt(exp, parts) + SUBMIT, target=exp.ground_truth or
-                   ", ".join(exp.expect), metadata={"experiment": str(exp.path)}) for exp in exps]
+    """One sample per experiment. Its runs' folders are numbered (exp-1/run-1, ...): the experiment's
+    name, which may say what is planted, is in no path an agent sees."""
+    return [Sample(id=exp.name, input=prompt_text(exp) + SUBMIT, target=exp.ground_truth or ", ".join(exp.expect),
+                   metadata={"experiment": str(exp.path), "folder": f"exp-{i}"}) for i, exp in enumerate(exps, 1)]
 
 
 @task
@@ -199,7 +209,7 @@ def scribe_agent(workers: Workers, agent: str, out: Path):
         import anyio
 
         exp = experiment.load(state.metadata["experiment"])
-        run_dir = (out / experiment.slug(exp.name) / f"run-{state.epoch}").resolve()
+        run_dir = (out / state.metadata["folder"] / f"run-{state.epoch}").resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         args = [*await anyio.to_thread.run_sync(workers.server_args, exp), "--notebook-dir", str(run_dir)]
         if agent != "react":
@@ -246,7 +256,7 @@ async def verdict(exp: experiment.Experiment, conclusion: str, judge_model) -> S
         if not graded or "verdict" not in graded:
             raise AuditError(f"the judge's answer was not the JSON asked for: {reply.strip()[:300]!r}")
         meta.update(verdict=graded["verdict"], judge_score=graded.get("score"), rationale=graded.get("rationale", ""))
-        found = str(graded["verdict"]).strip().lower() == "correct"
+        found = re.sub(r"[^a-z ]", "", str(graded["verdict"]).lower()).strip() == "correct"  # "Correct." too
     return Score(value=CORRECT if found else INCORRECT, answer=conclusion[:2000], metadata=meta,
                  explanation=meta.get("rationale") or f"keywords: {keywords}")
 
@@ -258,9 +268,9 @@ async def verdict(exp: experiment.Experiment, conclusion: str, judge_model) -> S
 
 def run_cli(agent: str, exp: experiment.Experiment, run_dir: Path, server_args: list[str], state):
     """A headless agent CLI on the run's server; its last message is the conclusion."""
-    code = experiment.run_agent(agent, exp, run_dir, True, server_args, scribe_mcp.prompt_parts(),
-                                extra_prompt=SUBMIT.replace("Call `submit` with", "End with"))
-    transcript = experiment.transcript_path(exp, agent, run_dir)
+    text = state.input_text.replace(SUBMIT, SUBMIT.replace("Call `submit` with", "End with"))
+    code = experiment.run_agent(agent, exp, run_dir, True, server_args, text)
+    transcript = experiment.transcript_path(agent, run_dir)
     conclusion, calls = cli_outcome(transcript)
     if code != 0 and not conclusion:
         raise RuntimeError(f"the {agent} CLI exited with code {code} and no conclusion (transcript: {transcript})")
@@ -444,62 +454,68 @@ def save_reports(rows: list[Row], out: Path) -> list[Path]:
 # ---------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scribe_mcp.py audit", description="Blind audits at scale on Inspect: "
-                                "N runs of each experiment, success rates and pooled verdicts.")
-    p.add_argument("experiments", nargs="+", metavar="EXP.yaml", help="experiment files")
-    p.add_argument("--runs", type=int, default=1, help="blind runs per experiment (Inspect epochs)")
-    p.add_argument("--model", help="the auditor for --agent react (any Inspect model: anthropic/..., openai/..., "
-                                    "google/..., vllm/..., hf/...); also writes the pooled hypotheses (with a CLI "
-                                    "agent, only those: the CLI uses its own model)")
-    p.add_argument("--agent", default="react", choices=AGENTS,
-                   help="react: Inspect's agent with Scribe's tools; claude|codex|gemini: that CLI, headless")
-    p.add_argument("--max-parallel", type=int, default=2, help="runs at once (default %(default)s)")
-    p.add_argument("--max-calls", type=int, default=60, help="model turns per run (default %(default)s)")
-    p.add_argument("--time-limit", type=int, default=3600, help="seconds per run (default %(default)s)")
-    p.add_argument("--judge-model", help="an Inspect model that grades each conclusion against the ground truth "
-                                         "(default: the experiment's expect keywords only)")
-    p.add_argument("--mode", choices=("local", "modal"), default="local",
-                   help="where the model workers run: this machine, or Modal GPUs (see README)")
-    p.add_argument("--out", help="where notebooks, logs and reports go (default audits/<date-time>)")
-    return p
-
-
 def main(argv: list[str], model: Model | None = None, judge: Model | None = None) -> int:
     """The audit command; `model`/`judge` replace --model/--judge-model (scripted models in tests)."""
-    args = build_parser().parse_args(argv)
+    args = experiment.audit_parser().parse_args(argv)
+    out = Path(args.out or f"audits/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     try:
-        for flag in ("runs", "max_parallel", "max_calls", "time_limit"):
+        for flag in ("runs", "max_parallel", "max_calls", "time_limit", "max_call"):
             if getattr(args, flag) < 1:
                 raise AuditError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+        if args.runs > experiment.MAX_RUNS:
+            raise AuditError(f"--runs must be at most {experiment.MAX_RUNS}, got {args.runs}: split the batch")
         exps, failed = load_experiments(args.experiments)
         if model is None and (args.model or args.agent == "react"):
             model = _model(args.model, "--model")
         judge = judge or (_model(args.judge_model, "--judge-model") if args.judge_model else None)
+        fresh_folder(out)
     except AuditError as exc:
         print(f"scribe: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out or f"audits/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     for name, reason in failed.items():
         print(f"[audit] {name}: could not start: {reason}", file=sys.stderr, flush=True)
     log, code = None, 0
-    workers = Workers(args.mode, thread_budget(min(len(exps), args.max_parallel)))
+    workers = Workers(args.mode, thread_budget(min(len(exps), args.max_parallel)), args.max_call)
+    # The log holds every run's ground truth and conclusion: outside `out` (where the runs work) until the end.
+    logs = Path(tempfile.mkdtemp(prefix="scribe-audit-logs-"))
     try:
         if exps:
-            log = run(exps, workers, model, judge, args, out)
+            log = run(exps, workers, model, judge, args, out, logs)
     except KeyboardInterrupt:
         print("\n[audit] interrupted: the runs stopped; every notebook is kept. Partial results:", file=sys.stderr)
-        log, code = _latest_log(out / "logs"), 130
+        log, code = _latest_log(logs), 130
+    except AuditError as exc:  # e.g. a task whose text gives the answer away: nothing ran
+        print(f"scribe: {exc}", file=sys.stderr)
+        code = 2
     finally:
         workers.stop()
-    rows = table(log, exps, failed)
-    if log is not None and log.status == "success":
-        _pool_all(rows, exps, model, judge)
-    reports = save_reports(rows, out)
+    try:
+        if code == 2:
+            return code
+        (out / "experiments.json").write_text(json.dumps(
+            {f"exp-{i}": exp.name for i, exp in enumerate(exps, 1)}, indent=1))
+        rows = table(log, exps, failed)
+        if log is not None and log.status == "success":
+            _pool_all(rows, exps, model, judge)
+        reports = save_reports(rows, out)
+    finally:  # the runs are over: the log joins the reports
+        shutil.move(str(logs), str(out / "logs"))
     print(markdown(render(rows)), end="")
-    print(f"\nnotebooks: {out}/<experiment>/run-N   reports: {', '.join(str(p) for p in reports)}\n"
+    folders = ", ".join(f"exp-{i} = {exp.name}" for i, exp in enumerate(exps, 1))
+    print(f"\nnotebooks: {out}/exp-K/run-N ({folders})   reports: {', '.join(str(p) for p in reports)}\n"
           f"transcripts: inspect view --log-dir {out / 'logs'}")
     return code
+
+
+def fresh_folder(out: Path) -> None:
+    """`out` is new or empty: a batch never starts among an earlier batch's notebooks and logs."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AuditError(f"--out {out} " + ("already holds files (an earlier batch?): give a new folder, so that no "
+                                            "run sees another batch's notebooks" if out.is_dir() else "is a file"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AuditError(f"--out {out}: cannot create it ({exc.strerror})") from None
 
 
 def _model(name: str | None, flag: str):
@@ -511,12 +527,13 @@ def _model(name: str | None, flag: str):
         raise AuditError(f"{flag} {name}: {str(exc).strip().splitlines()[0]}") from None
 
 
-def run(exps, workers: Workers, model, judge, args, out: Path):
+def run(exps, workers: Workers, model, judge, args, out: Path, log_dir: Path):
     from inspect_ai import eval as inspect_eval
 
     task = audit_task(exps, workers, args.agent, out, judge, args.max_calls, args.time_limit)
     logs = inspect_eval(task, model=model or "none/none",  # a CLI agent brings its own model
-                        epochs=args.runs, max_samples=args.max_parallel, log_dir=str(out / "logs"), fail_on_error=False, display="plain", score_display=False)
+                        epochs=args.runs, max_samples=args.max_parallel, log_dir=str(log_dir), fail_on_error=False,
+                        display="plain", score_display=False)
     if not logs:  # Inspect took the Ctrl-C itself: the runs stopped, its log has what finished
         raise KeyboardInterrupt
     return logs[0]

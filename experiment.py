@@ -126,6 +126,17 @@ def load(path: str | Path) -> Experiment:
         ground_truth=str(evaluation.get("ground_truth") or ""), expect=tuple(expect))
 
 
+def model_spec(exp: Experiment, spec=None):
+    """What the worker loads for an experiment (a gpu.ModelSpec): its model, adapter, base, hidden
+    prompt and alias, on `spec`'s device and dtype."""
+    from dataclasses import replace
+
+    import gpu
+
+    return replace(spec or gpu.ModelSpec(), model=exp.model, adapter=exp.adapter, base_model=exp.base_model,
+                   system_prompt=exp.hidden_system_prompt, alias=exp.alias)
+
+
 def check_inputs(exp: Experiment) -> None:
     """Everything the experiment loads exists, checked before a server or an agent starts: a
     missing organism found later would reach the agent as a traceback naming it."""
@@ -195,11 +206,41 @@ def prompt(exp: Experiment, server: dict) -> str:
             returns = f" Returns {entry['returns']}" if entry["returns"] else ""
             lines.append(f"- `{entry['signature']}`: {entry['summary']}{returns}")
         parts.append("\n".join(lines))
-    text = "\n\n".join(parts) + "\n"
-    for secret in exp.hidden:  # the answer and the identity never reach the agent this way
-        if secret in text:
-            raise ExperimentError(f"{exp.path.name}: the task or a technique text contains a hidden value")
-    return text
+    leaked = [s for s in exp.hidden if re.search(rf"(?<!\w){re.escape(s)}(?!\w)", exp.task, re.IGNORECASE)]
+    if leaked:  # the task is the experiment's own text in the prompt: the answer and the identity never reach it
+        raise ExperimentError(f"{exp.path.name}: the task contains a hidden value (the model, adapter, hidden "
+                              "prompt, ground truth or an expected keyword): reword it")
+    return "\n\n".join(parts) + "\n"
+
+
+def audit_parser():
+    """The `audit` command's arguments: parsed (and refused in one line) before Inspect is imported."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="scribe_mcp.py audit", description="Blind audits at scale on Inspect: "
+                                "N runs of each experiment, success rates and pooled verdicts.")
+    p.add_argument("experiments", nargs="+", metavar="EXP.yaml", help="experiment files")
+    p.add_argument("--runs", type=int, default=1, help=f"blind runs per experiment (Inspect epochs; at most {MAX_RUNS})")
+    p.add_argument("--model", help="the auditor for --agent react (any Inspect model: anthropic/..., openai/..., "
+                                    "google/..., vllm/..., hf/...); also writes the pooled hypotheses (with a CLI "
+                                    "agent, only those: the CLI uses its own model)")
+    p.add_argument("--agent", default="react", choices=("react", *AGENTS),
+                   help="react: Inspect's agent with Scribe's tools; claude|codex|gemini: that CLI, headless")
+    p.add_argument("--max-parallel", type=int, default=2, help="runs at once (default %(default)s)")
+    p.add_argument("--max-calls", type=int, default=60, help="model turns per run (default %(default)s)")
+    p.add_argument("--time-limit", type=int, default=3600, help="seconds per run (default %(default)s)")
+    p.add_argument("--max-call", type=float, default=600, metavar="SECONDS",
+                   help="the longest one client.run or job may hold the shared model, whatever timeout a run asks "
+                        "for (default %(default)s)")
+    p.add_argument("--judge-model", help="an Inspect model that grades each conclusion against the ground truth "
+                                         "(default: the experiment's expect keywords only)")
+    p.add_argument("--mode", choices=("local", "modal"), default="local",
+                   help="where the model workers run: this machine, or Modal GPUs (see README)")
+    p.add_argument("--out", help="a new folder for notebooks, logs and reports (default audits/<date-time>)")
+    return p
+
+
+MAX_RUNS = 1000  # per experiment: Inspect holds every run of a batch in memory before the first starts
 
 
 # ---------------------------------------------------------------------------
@@ -242,16 +283,15 @@ def gemini_settings(servers: dict) -> dict:
 
 
 def run_agent(agent: str, exp: Experiment, notebook_dir: Path, headless: bool, server_args: list[str],
-              server: dict, extra_prompt: str = "") -> int:
-    """Start the agent CLI on the experiment. Headless runs save the CLI's machine-readable
-    transcript (JSON lines) in notebook_dir (see transcript_path)."""
+              text: str) -> int:
+    """Start the agent CLI on the experiment with the prompt `text`. Headless runs save the CLI's
+    machine-readable transcript (JSON lines) in notebook_dir (see transcript_path)."""
     if agent not in AGENTS:
         raise ExperimentError(f"unknown agent {agent!r}: use {', '.join(AGENTS)}")
     if shutil.which(agent) is None:
         raise ExperimentError(f"the {agent} CLI is not installed (or not on PATH): install it with `{AGENTS[agent]}`")
     check_inputs(exp)
     notebook_dir.mkdir(parents=True, exist_ok=True)
-    text = prompt(exp, server) + extra_prompt
     private = Path(tempfile.mkdtemp(prefix="scribe-agent-"))  # 0700: the config is the user's alone
     try:
         config = private / "mcp.json"
@@ -271,7 +311,7 @@ def run_agent(agent: str, exp: Experiment, notebook_dir: Path, headless: bool, s
         cmd = agent_command(agent, exp, config, text, headless)
         if not headless:
             return subprocess.call(cmd, env=env, cwd=private)
-        transcript = transcript_path(exp, agent, notebook_dir)
+        transcript = transcript_path(agent, notebook_dir)
         with open(transcript, "w") as out:
             code = subprocess.call(cmd, env=env, stdout=out, stdin=subprocess.DEVNULL, cwd=private)
         print(f"transcript: {transcript}", file=sys.stderr)
@@ -280,8 +320,9 @@ def run_agent(agent: str, exp: Experiment, notebook_dir: Path, headless: bool, s
         shutil.rmtree(private, ignore_errors=True)
 
 
-def transcript_path(exp: Experiment, agent: str, notebook_dir: Path) -> Path:
-    return notebook_dir / f"{slug(exp.name)}.{agent}.jsonl"
+def transcript_path(agent: str, notebook_dir: Path) -> Path:
+    """Named by the CLI only: the experiment's name may say what is planted, and the agent can list its folder."""
+    return notebook_dir / f"transcript.{agent}.jsonl"
 
 
 def notebook_text(path: Path, limit: int = 20_000) -> str:
@@ -356,6 +397,3 @@ def json_object(text: str) -> dict | None:
             return value
     return None
 
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "experiment"

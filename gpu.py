@@ -379,6 +379,7 @@ def _rename(hf_model, tokenizer, alias: str) -> None:
             setattr(hf_model.config, key, alias)  # e.g. _name_or_path, or GGUF's _model_name_or_path
     hf_model.scribe_renamed = renamed
     hf_model.config._name_or_path = alias
+    hf_model.name_or_path = alias  # what from_pretrained was given: a path that loads the real tokenizer
     if getattr(hf_model, "generation_config", None) is not None:
         hf_model.generation_config._name_or_path = alias
     tokenizer.name_or_path = alias
@@ -639,20 +640,33 @@ class _Emitter(io.TextIOBase):
 
     def __init__(self, name: str, emit: Callable[[str, str], None]):
         self.name, self._emit, self._buf, self._last = name, emit, [], time.monotonic()
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        self._buf.append(text)
-        if time.monotonic() - self._last > 0.2 or sum(map(len, self._buf)) > 8192:
+        with self._lock:
+            self._buf.append(text)
+            due = time.monotonic() - self._last > 0.2 or sum(map(len, self._buf)) > 8192
+            if not due and self._timer is None:  # a last line must not wait for the next print to be seen
+                self._timer = threading.Timer(0.2, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+        if due:
             self.flush()
         return len(text)
 
     def flush(self) -> None:
-        if self._buf:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not self._buf:
+                return
             text, self._buf, self._last = "".join(self._buf), [], time.monotonic()
-            self._emit(self.name, text)
+        self._emit(self.name, text)
 
 
 class _Routed(io.TextIOBase):
@@ -730,6 +744,39 @@ def _set_torch_globals(state: dict[str, Any]) -> None:
     torch.set_num_threads(state["threads"])
 
 
+class _Snapshot:
+    """An object's attributes as they were, put back after each call (containers compared by value)."""
+
+    def __init__(self, owner, keep_new: bool = True):
+        import copy
+
+        self.owner, self.keep_new, self._copy = owner, keep_new, copy.deepcopy
+        self.saved = {k: self._freeze(v) for k, v in vars(owner).items()}
+
+    def _freeze(self, value):
+        if isinstance(value, (dict, list, set)):
+            try:
+                return (value, self._copy(value))
+            except Exception:  # noqa: BLE001 - a container that does not copy is compared by identity
+                return (value, None)
+        return (value, None)
+
+    def restore(self) -> None:
+        now = vars(self.owner)
+        for key, (value, frozen) in self.saved.items():
+            current = now.get(key, _MISSING)
+            if current is not value or (frozen is not None and current != frozen):
+                setattr(self.owner, key, self._copy(frozen) if frozen is not None else value)
+                self.saved[key] = self._freeze(getattr(self.owner, key))
+        # New attributes go, except the caches a tokenizer or config fills (keep_new); never one that
+        # hides a method or setting of the class (a replaced apply_chat_template, say).
+        for key in [k for k in now if k not in self.saved and (not self.keep_new or hasattr(type(self.owner), k))]:
+            delattr(self.owner, key)
+
+
+_MISSING = object()
+
+
 class Executor:
     """Runs shipped calls on one loaded model and leaves it, and torch, as it found them.
 
@@ -754,13 +801,23 @@ class Executor:
         self._tables += _hook_tables(torch.nn.modules.module, "_global_")
         self._baseline = [set(hooks) for hooks, _ in self._tables]
         self._globals = _torch_globals()
+        # What a call may change for every later caller: settings kept as they were at load.
+        self._settings = [_Snapshot(self._raw.config), _Snapshot(tokenizer), _Snapshot(builtins, keep_new=False)]
+        if getattr(self._raw, "generation_config", None) is not None:
+            self._settings.append(_Snapshot(self._raw.generation_config))
+        self._tensors = [*self._raw.parameters(), *self._raw.buffers()]
+        self._versions = [t._version for t in self._tensors]
+        self.weights_changed = False  # a call edited weights in place (they cannot be put back)
 
     def _restore(self) -> None:
-        """Remove hooks a call left behind and put torch's global settings back.
+        """Remove hooks a call left behind and put torch's global settings, the model's and the
+        tokenizer's settings, the generation config and builtins back; note weights edited in place.
 
         Hooks present at load are kept, and so are the frameworks' own: transformers installs
         its output-recording hooks lazily, on the first `output_hidden_states=True`.
         """
+        for snapshot in self._settings:
+            snapshot.restore()
         for (hooks, flags), keep in zip(self._tables, self._baseline):
             if not hooks:  # almost every table: nothing to look at
                 continue
@@ -772,6 +829,17 @@ class Executor:
         _set_torch_globals(self._globals)
         if any(m.training for m in self._modules):  # eval() itself walks and sets ~400 modules
             self._raw.eval()
+
+    def _check_weights(self) -> None:
+        """Say so in the call's output when it edited weights in place: unlike settings, they cannot
+        be put back, and every later call of every session sees them (`weights_changed`)."""
+        versions = [t._version for t in self._tensors]
+        if versions != self._versions:
+            edited = sum(a != b for a, b in zip(versions, self._versions))
+            self._versions, self.weights_changed = versions, True
+            print(f"[scribe] this call changed {edited} of the model's weight tensors in place: every later call, "
+                  "in every session, sees the change until the model worker restarts (a worker that an audit's runs "
+                  "share restarts after this call)", file=sys.stderr)
 
     def _streams(self, emit: Callable[[str, str], None]) -> tuple[_Emitter, _Emitter]:
         if self.secrets:
@@ -829,8 +897,11 @@ class Executor:
             with self._routed() as route:
                 route(self._streams(emit))
                 fn, args, kwargs = loads_call(payload)
-                with self._user_code():
-                    value = fn(self.model, self.tokenizer, *args, **kwargs)
+                try:
+                    with self._user_code():
+                        value = fn(self.model, self.tokenizer, *args, **kwargs)
+                finally:
+                    self._check_weights()
             reply = self._reply(True, value, start)
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             reply = self._reply(False, exc, start)
@@ -888,6 +959,8 @@ class Executor:
                 run = Merged(self.model, self.tokenizer)
                 run.join(*first)
                 run.run()
+                self.interruptible = False
+                self._check_weights()
         finally:
             self.interruptible, self.stepping = False, None
             self._restore()
@@ -1042,8 +1115,9 @@ class Worker:
     call whatever timeout its client asked for.
     """
 
-    def __init__(self, spec: ModelSpec, socket_path: str, owner_pid: int, max_call: float = 0):
+    def __init__(self, spec: ModelSpec, socket_path: str, owner_pid: int, max_call: float = 0, pristine: bool = False):
         self.spec, self.socket_path, self.owner_pid, self.max_call = spec, socket_path, owner_pid, max_call
+        self.pristine = pristine  # restart after a call that edited weights in place: later calls get the model as loaded
         self.queue: list[_Call] = []
         self.ready = threading.Condition()
         self.running: list[_Call] = []
@@ -1090,6 +1164,12 @@ class Worker:
                 self._finish(call, self.executor.execute(call.payload, call.emit))
             with self.ready:
                 self.running = []
+                if self.pristine and self.executor.weights_changed:
+                    for queued in self.queue:
+                        queued.conn.send({"op": "retry", "id": queued.id})
+                    print("[scribe worker] a call edited the weights in place: exiting so a fresh worker takes over",
+                          file=sys.stderr, flush=True)
+                    self._exit(75)
 
     def _measure_speed(self) -> None:
         with contextlib.suppress(Exception):  # a model that cannot be timed this way still serves
@@ -1235,14 +1315,43 @@ class Worker:
 # ---------------------------------------------------------------------------
 
 
+# Environment variables kernels and the worker inherit; everything else (API keys, the HTTP
+# token) stays in the process that starts them (the server). --pass-env adds names.
+BASE_ENV = (
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM", "SHELL", "VIRTUAL_ENV",
+    "CONDA_PREFIX", "LD_LIBRARY_PATH", "PYTHONPATH", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE",
+    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_HOME", "CUDA_VISIBLE_DEVICES", "CUDA_HOME",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+    "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
+    "https_proxy", "no_proxy", "SCRIBE_CACHE_DIR", "SCRIBE_CALL_TIMEOUT", "SCRIBE_WORKER_START_TIMEOUT",
+)
+BASE_PREFIXES = ("LC_", "SCRIBE_MODAL_")
+# Secrets only the process that needs them gets.
+WORKER_SECRETS = {"local": ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), "ndif": ("HF_TOKEN", "NDIF_API_KEY"),
+                  "modal": ()}
+KERNEL_SECRETS = {"local": (), "ndif": (), "modal": ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "MODAL_PROFILE",
+                                                     "MODAL_ENVIRONMENT")}
+
+
+def child_env(mode: str, secrets_for: dict[str, tuple[str, ...]], extra: list[str], threads: int = 0) -> dict:
+    """The minimal environment of a kernel or the worker (see BASE_ENV), with `threads` CPU
+    threads for torch and BLAS when given."""
+    names = set(BASE_ENV) | set(secrets_for[mode]) | set(extra)
+    env = {k: v for k, v in os.environ.items() if k in names or k.startswith(BASE_PREFIXES)}
+    if threads > 0:
+        env.update(dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), str(threads)))
+    return env
+
+
 class WorkerDiedError(RuntimeError):
     """The worker process went away during a call."""
 
 
 def start_worker(spec: ModelSpec, socket_path: str, owner_pid: int, env: dict | None = None,
-                 max_call: float = 0) -> subprocess.Popen:
+                 max_call: float = 0, pristine: bool = False) -> subprocess.Popen:
     """Spawn a worker process (no waiting). It exits by itself when owner_pid exits; `max_call`
-    seconds (0: none) bound every call whatever timeout its client asks for.
+    seconds (0: none) bound every call whatever timeout its client asks for; `pristine` makes it
+    restart after a call that edited the weights in place (see Worker).
 
     The spec travels on stdin, not argv or the environment: /proc/PID/cmdline and environ are
     readable by anyone running as the same user, and the spec may name a hidden model.
@@ -1256,7 +1365,7 @@ def start_worker(spec: ModelSpec, socket_path: str, owner_pid: int, env: dict | 
     with open(socket_path + ".log", "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--socket", socket_path, "--owner", str(owner_pid),
-             "--max-call", str(max_call)],
+             "--max-call", str(max_call), *(["--pristine"] if pristine else [])],
             stdin=subprocess.PIPE, stdout=log, stderr=log, env=env,
             start_new_session=True,  # Ctrl-C in the user's terminal is not meant for the worker
         )
@@ -1273,6 +1382,14 @@ def _try_connect(socket_path: str) -> socket.socket | None:
     except OSError:
         sock.close()
         return None
+
+
+def worker_serves(socket_path: str) -> bool:
+    """Whether a worker accepts connections at socket_path now."""
+    sock = _try_connect(socket_path)
+    if sock is not None:
+        sock.close()
+    return sock is not None
 
 
 def _log_tail(log_path: str, start: int = 0, lines: int = 15) -> str:
@@ -1341,8 +1458,8 @@ class WorkerSupervisor:
     runs with the server's chosen environment (e.g. HF_TOKEN) that kernels never see.
     """
 
-    def __init__(self, spec: ModelSpec, socket_path: str, env: dict, max_call: float = 0):
-        self.spec, self.socket_path, self.env, self.max_call = spec, socket_path, env, max_call
+    def __init__(self, spec: ModelSpec, socket_path: str, env: dict, max_call: float = 0, pristine: bool = False):
+        self.spec, self.socket_path, self.env, self.max_call, self.pristine = spec, socket_path, env, max_call, pristine
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._closed = False
@@ -1356,7 +1473,7 @@ class WorkerSupervisor:
                 os.unlink(self.socket_path + ".error")
             log = self.socket_path + ".log"
             start = os.path.getsize(log) if os.path.exists(log) else 0
-            self._proc = start_worker(self.spec, self.socket_path, os.getpid(), self.env, self.max_call)
+            self._proc = start_worker(self.spec, self.socket_path, os.getpid(), self.env, self.max_call, self.pristine)
             threading.Thread(target=self._watch, args=(self._proc, start), daemon=True).start()
 
     def running(self) -> bool:
@@ -1624,6 +1741,8 @@ class LocalBackend:
         self.model_name = spec.display_name if spec else os.environ.get(ENV_NAME, "the server's model")
         self._ids = 0
         self._in_flight: int | None = None  # the call now sent (a Job's cancel() interrupts it)
+        self._sending = threading.Lock()  # a cancel is sent after its call, never before
+        self._cancelled = False  # cancel() came: a call not yet sent is never sent
         self.interrupted: Reply | None = None  # the answer of a call the notebook interrupted
 
     def connect(self) -> None:
@@ -1654,10 +1773,18 @@ class LocalBackend:
         self.interrupted = None
         for _ in range(5):
             self.connect()
-            self._ids += 1
-            self._in_flight = self._ids
+            with self._sending:
+                if self._cancelled:
+                    return _cancelled_reply("the call was cancelled before it started")
+                self._ids += 1
+                self._in_flight = self._ids
+                try:
+                    send_msg(self.sock, {"op": "call", "id": self._ids, "payload": payload, "who": self.who})
+                    sent = True
+                except OSError:
+                    sent = False
             try:
-                reply = self._call_once(self._ids, payload, timeout, on_output)
+                reply = self._call_once(self._ids, timeout, on_output) if sent else None
             finally:
                 self._in_flight = None
             if reply is not None:
@@ -1666,26 +1793,23 @@ class LocalBackend:
         raise WorkerDiedError("the model worker kept restarting before the call could start")
 
     def cancel(self) -> bool:
-        """Interrupt the call in flight from another thread (its reply says it was cancelled)."""
-        call_id, sock = self._in_flight, self.sock
-        if call_id is None or sock is None:
-            return False
-        with contextlib.suppress(OSError):
-            send_msg(sock, {"op": "cancel", "id": call_id})
-            return True
-        return False
+        """Interrupt the call from another thread (its reply says it was cancelled); one not sent yet never is."""
+        with self._sending:
+            self._cancelled = True
+            call_id, sock = self._in_flight, self.sock
+            if call_id is not None and sock is not None:
+                with contextlib.suppress(OSError):
+                    send_msg(sock, {"op": "cancel", "id": call_id})
+        return True
 
     def fork(self, label: str) -> LocalBackend:
         """A second connection to the same worker, for calls made while this one is busy."""
         return LocalBackend(self.spec, self.socket_path, self.owner_pid, who=f"{self.who or 'a notebook'} ({label})")
 
-    def _call_once(self, call_id: int, payload: bytes, timeout: float, on_output) -> Reply | None:
+    def _call_once(self, call_id: int, timeout: float, on_output) -> Reply | None:
+        """The sent call's reply (None: it never started, send it again)."""
         started = False
         try:
-            try:
-                send_msg(self.sock, {"op": "call", "id": call_id, "payload": payload, "who": self.who})
-            except OSError:
-                return None
             deadline = queued = None
             while True:
                 # While queued, wake up once QUEUE_NOTICE has passed to say whom we wait for.
@@ -1936,7 +2060,7 @@ class Job:
         if reply["ok"]:
             return loads_result(reply["value"])
         if reply.get("cancelled"):
-            raise TimeoutError("job cancelled" if self._cancelled else reply["message"])
+            raise TimeoutError(f"job cancelled: {reply['message']}" if self._cancelled else reply["message"])
         raise remote_exception(reply)
 
     def cancel(self) -> bool:
@@ -2004,9 +2128,10 @@ def _worker_main(argv: list[str]) -> None:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--owner", type=int, required=True)
     parser.add_argument("--max-call", type=float, default=0, help="seconds any one call may run (0: no bound)")
+    parser.add_argument("--pristine", action="store_true", help="restart after a call that edited weights in place")
     args = parser.parse_args(argv)
     spec = ModelSpec.from_json(sys.stdin.readline())  # see start_worker: never in argv
-    Worker(spec, args.socket, args.owner, args.max_call).serve()
+    Worker(spec, args.socket, args.owner, args.max_call, args.pristine).serve()
 
 
 if __name__ == "__main__":

@@ -50,6 +50,14 @@ def listing_key() -> str:
     return hashlib.sha256(Path(__file__).read_bytes() + f"{sdk}{sys.version}".encode()).hexdigest()[:16]
 
 
+def listing_complete(listing: dict) -> bool:
+    """Whether a saved listing has both answers for every protocol version it names (a truncated or
+    hand-edited file is ignored, and rewritten at start)."""
+    versions = listing.get("versions")
+    return (isinstance(versions, dict) and listing.get("latest") in versions
+            and all(isinstance(v, dict) and {"initialize", "tools/list"} <= set(v) for v in versions.values()))
+
+
 def claim_stdio() -> tuple[int, int] | None:
     """Take the MCP wire (fds 0 and 1) for the server alone: it is served from private
     duplicates while fd 0 reads /dev/null and fd 1 writes to stderr, so a stray print of the
@@ -92,20 +100,23 @@ class EarlyWire:
                 self._handle(line + b"\n")
 
     def _handle(self, line: bytes) -> None:
+        """Answer `line` from the listing if it is the handshake in its plain form; anything else
+        (and anything odd about it) goes to the SDK, which answers as it always does."""
         try:
             request = json.loads(line)
-            method, request_id = request.get("method"), request.get("id")
-        except (ValueError, AttributeError):
-            method = request_id = None
-        if method == "initialize" and request_id is not None and self.version is None:
-            asked = (request.get("params") or {}).get("protocolVersion")
-            self.version = asked if asked in self.listing["versions"] else self.listing["latest"]
-            self._answer(request_id, self.listing["versions"][self.version]["initialize"])
-            self.answered.add(json.dumps(request_id))  # replayed to the SDK, which answers it again
-        elif method == "tools/list" and request_id is not None and self.version is not None \
-                and not (request.get("params") or {}).get("cursor"):
-            self._answer(request_id, self.listing["versions"][self.version]["tools/list"])
-            return
+            method, request_id, params = request.get("method"), request.get("id"), request.get("params") or {}
+            if method == "initialize" and request_id is not None and self.version is None:
+                asked = params.get("protocolVersion")
+                if isinstance(asked, str):  # one it does not know: the latest, as the SDK negotiates
+                    self.version = asked if asked in self.listing["versions"] else self.listing["latest"]
+                    self._answer(request_id, self.listing["versions"][self.version]["initialize"])
+                    self.answered.add(json.dumps(request_id))  # replayed to the SDK, which answers it again
+            elif method == "tools/list" and request_id is not None and self.version is not None \
+                    and not params.get("cursor"):
+                self._answer(request_id, self.listing["versions"][self.version]["tools/list"])
+                return
+        except Exception:  # noqa: BLE001 - not the plain handshake: the SDK's to answer
+            pass
         self.forward.append(line)
 
     def _answer(self, request_id, result: dict) -> None:
@@ -135,9 +146,9 @@ def early_wire(argv: list[str]) -> EarlyWire | None:
         return None
     try:
         listing = json.loads(LISTING.read_text())
-        if listing.get("key") != listing_key():
+        if listing.get("key") != listing_key() or not listing_complete(listing):
             return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError, TypeError):
         return None
     wire = claim_stdio()
     return EarlyWire(wire, listing) if wire else None
@@ -190,24 +201,6 @@ from gpu import InterpClient
 client = InterpClient()  # the server's shared model worker; the model is already loading
 print(client)
 """
-
-# Environment variables kernels and the worker inherit; everything else (API keys, the HTTP
-# token) stays in the server. --pass-env adds names.
-BASE_ENV = (
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM", "SHELL", "VIRTUAL_ENV",
-    "CONDA_PREFIX", "LD_LIBRARY_PATH", "PYTHONPATH", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE",
-    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_HOME", "CUDA_VISIBLE_DEVICES", "CUDA_HOME",
-    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
-    "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
-    "https_proxy", "no_proxy", "SCRIBE_CACHE_DIR", "SCRIBE_CALL_TIMEOUT", "SCRIBE_WORKER_START_TIMEOUT",
-)
-BASE_PREFIXES = ("LC_", "SCRIBE_MODAL_")
-# Secrets only the process that needs them gets.
-WORKER_SECRETS = {"local": ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), "ndif": ("HF_TOKEN", "NDIF_API_KEY"),
-                  "modal": ()}
-KERNEL_SECRETS = {"local": (), "ndif": (), "modal": ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "MODAL_PROFILE",
-                                                     "MODAL_ENVIRONMENT")}
-
 
 def _instructions() -> str:
     return """\
@@ -324,22 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def child_env(mode: str, secrets_for: dict[str, tuple[str, ...]], extra: list[str], threads: int = 0) -> dict:
-    """The minimal environment of a kernel or the worker (see BASE_ENV), with `threads` CPU
-    threads for torch and BLAS when given."""
-    names = set(BASE_ENV) | set(secrets_for[mode]) | set(extra)
-    env = {k: v for k, v in os.environ.items() if k in names or k.startswith(BASE_PREFIXES)}
-    if threads > 0:
-        env.update(dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), str(threads)))
-    return env
-
-
-def experiment_spec(spec: gpu.ModelSpec, exp) -> gpu.ModelSpec:
-    """What the worker loads for an experiment: its model, adapter, base, hidden prompt and alias."""
-    return replace(spec, model=exp.model, adapter=exp.adapter, base_model=exp.base_model,
-                   system_prompt=exp.hidden_system_prompt, alias=exp.alias)
-
-
 # ---------------------------------------------------------------------------
 # Runtime files: one private folder per server, removed at exit
 # ---------------------------------------------------------------------------
@@ -369,19 +346,22 @@ class Scribe:
 
             exp = experiment.load(args.experiment)
             experiment.check_inputs(exp)
-            self.spec = experiment_spec(self.spec, exp)
+            self.spec = experiment.model_spec(exp, self.spec)
             self.offered = exp.techniques
         self.mode = args.mode
+        if args.worker_socket and not gpu.worker_serves(args.worker_socket):
+            raise ValueError(f"--worker-socket {args.worker_socket}: no model worker answers there (start it first; "
+                             "`audit` starts one per experiment)")
         self.runtime = make_runtime_dir()
         self.socket_path = socket_path = args.worker_socket or str(self.runtime / "worker.sock")
-        kernel_env = child_env(args.mode, KERNEL_SECRETS, args.pass_env, args.threads)
+        kernel_env = gpu.child_env(args.mode, gpu.KERNEL_SECRETS, args.pass_env, args.threads)
         kernel_env.update({gpu.ENV_SOCKET: socket_path, gpu.ENV_OWNER: str(os.getpid()), "SCRIBE_MODE": args.mode,
                            gpu.ENV_NAME: self.spec.display_name})
         if args.mode == "modal":  # the Modal client runs in the kernel and must know what to load
             kernel_env[gpu.ENV_SPEC] = self.spec.to_json()
         self.worker = None
         if args.mode != "modal" and not args.worker_socket:  # on Modal the container loads the model
-            self.worker = gpu.WorkerSupervisor(self.spec, socket_path, child_env(args.mode, WORKER_SECRETS,
+            self.worker = gpu.WorkerSupervisor(self.spec, socket_path, gpu.child_env(args.mode, gpu.WORKER_SECRETS,
                                                                                  args.pass_env, args.threads),
                                                max_call=args.max_call)
             if args.preload:
@@ -1067,7 +1047,8 @@ async def _answers(requests: list[dict]) -> dict:
 def refresh_listing() -> None:
     """Write LISTING if it is missing or was made for other code (quietly: the server runs on)."""
     with contextlib.suppress(Exception):
-        if json.loads(LISTING.read_text()).get("key") == listing_key():
+        listing = json.loads(LISTING.read_text())
+        if listing.get("key") == listing_key() and listing_complete(listing):
             return
     try:
         LISTING.parent.mkdir(parents=True, exist_ok=True)
@@ -1260,7 +1241,7 @@ def experiment_command(argv: list[str]) -> int:
             print(json.dumps(experiment.grade(exp, Path(args.notebook), args.judge), indent=2))
             return 0
         return experiment.run_agent(args.agent, exp, Path(args.notebook_dir).resolve(), args.headless, server_args,
-                                    prompt_parts())
+                                    experiment.prompt(exp, prompt_parts()))
     except experiment.ExperimentError as exc:
         print(f"scribe: {exc}", file=sys.stderr)
         return 2
@@ -1271,6 +1252,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in ("prompt", "agent", "grade"):
         sys.exit(experiment_command(argv))
     if argv and argv[0] == "audit":
+        import experiment
+
+        experiment.audit_parser().parse_args(argv[1:])  # a bad flag: one line now, not after Inspect's imports
         try:
             import audit
         except ModuleNotFoundError as exc:

@@ -99,6 +99,7 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--modes", nargs="+", choices=("shared", "per-run"), default=["shared", "per-run"])
     parser.add_argument("--output", default=str(ROOT / "bench" / "audit_results.json"))
     parser.add_argument("--markdown", action="store_true", help="print the saved results as README rows")
     args = parser.parse_args()
@@ -107,7 +108,7 @@ def main() -> None:
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix="scribe-bench-audit-") as tmp:
-        for shared in (True, False):
+        for shared in [mode == "shared" for mode in args.modes]:
             for k in args.k:
                 row = asyncio.run(batch(k, shared, Path(tmp)))
                 rows.append(row)

@@ -81,7 +81,7 @@ def check_run(agent: str, run, fake: FakeModels, nbdir: Path) -> None:
     cells = nbformat.read(notebook, as_version=4).cells
     printed = [c for c in cells if c.cell_type == "code" and c.source == "print(6*7)"]
     assert printed and printed[0].outputs[0]["text"] == "42\n", [c.source for c in cells]
-    transcript = nbdir / f"cli.{agent}.jsonl"
+    transcript = nbdir / f"transcript.{agent}.jsonl"
     events = [json.loads(line) for line in transcript.read_text().splitlines() if line.strip()]
     assert events and "42" in transcript.read_text()  # the CLI's own machine-readable events, one per line
 

@@ -66,7 +66,7 @@ def test_two_right_of_four_runs_give_two_of_four_a_crash_is_an_error_one_worker_
     samples.remove(crashed)
     pids, secret = set(), experiment.load(HIDDEN).hidden_system_prompt
     for s in samples:
-        run_dir = out / "hidden-system-prompt" / f"run-{s.epoch}"
+        run_dir = out / "exp-1" / f"run-{s.epoch}"
         notebook, = run_dir.glob("*.ipynb")  # each run has its own notebook folder
         cell = nbformat.read(notebook, as_version=4).cells[0]
         printed = "".join(o.get("text", "") for o in cell.outputs)
@@ -132,7 +132,7 @@ def test_ctrl_c_stops_the_runs_keeps_every_notebook_and_prints_the_partial_table
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(out.glob("hidden-system-prompt/run-*/started"))) == 2:
+        if len(list(out.glob("exp-1/run-*/started"))) == 2:
             break
         time.sleep(1)
     proc.send_signal(signal.SIGINT)
@@ -144,7 +144,7 @@ def test_ctrl_c_stops_the_runs_keeps_every_notebook_and_prints_the_partial_table
     while subprocess.run(["pgrep", "-f", str(out)], capture_output=True).stdout and time.monotonic() < deadline:
         time.sleep(0.5)
     assert subprocess.run(["pgrep", "-f", str(out)], capture_output=True).stdout == b""  # no server left
-    notebooks = list(out.glob("hidden-system-prompt/run-*/*.ipynb"))
+    notebooks = list(out.glob("exp-1/run-*/*.ipynb"))
     assert len(notebooks) == 2
     for notebook in notebooks:  # the first cell's outputs (its source names the same words)
         printed = json.dumps(nbformat.read(notebook, as_version=4).cells[0].outputs)
@@ -163,7 +163,7 @@ def test_inspect_eval_runs_the_same_task_and_modal_mode_starts_no_local_worker(t
     sample, = log.samples
     assert log.status == "success" and sample.limit.type == "turn", (log.status, sample.error)
     assert sample.scores["audit_scorer"].value == "I" and sample.scores["audit_scorer"].metadata["calls"] == 2
-    assert list((tmp_path / "nb" / "hidden-system-prompt" / "run-1").glob("*.ipynb"))
+    assert list((tmp_path / "nb" / "exp-1" / "run-1").glob("*.ipynb"))
 
     cell = "from gpu import InterpClient\nclient = InterpClient()\nprint(client.run(lambda model, tokenizer: 1))\n"
     workers = audit.Workers("modal")
@@ -178,7 +178,7 @@ def test_inspect_eval_runs_the_same_task_and_modal_mode_starts_no_local_worker(t
         os.environ.clear()
         os.environ.update(env_before)
     assert code == 0
-    notebook, = out.glob("hidden-system-prompt/run-1/*.ipynb")
+    notebook, = out.glob("exp-1/run-1/*.ipynb")
     assert "Modal is not logged in" in json.dumps(nbformat.read(notebook, as_version=4).cells[0].outputs)
 
 
@@ -196,5 +196,5 @@ def test_an_agent_cli_can_be_the_auditor(agent, tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "| cli | 2/2 | 1.00 | 0.00 | 0 | 4.0 |" in run.stdout and "pooling needs --model" in run.stdout, run.stdout
     for n in (1, 2):
-        assert list((out / "cli" / f"run-{n}").glob("*.ipynb")) and (out / "cli" / f"run-{n}" / f"cli.{agent}.jsonl").exists()
+        assert list((out / "exp-1" / f"run-{n}").glob("*.ipynb")) and (out / "exp-1" / f"run-{n}" / f"transcript.{agent}.jsonl").exists()
     assert all(s.scores["audit_scorer"].answer == FINAL for s in read_log(out).samples)
