@@ -39,6 +39,10 @@ from pathlib import Path
 # other request waits for the SDK; `initialize` is replayed to it (its second answer is dropped).
 
 LISTING = Path(__file__).resolve().parent / ".scribe-cache" / "mcp-listing.json"
+# The answers this code gives, hashed: agents' cells run as the same user and could rewrite LISTING
+# (e.g. a tool description), so a listing is served only if it hashes to this. A change to any
+# tool or the instructions changes it: tests/test_mcp.py says the new value.
+LISTING_DIGEST = "bc691370986ce60e9771c92ba470a7c92383709f457825eb5fed37184d85b91d"
 
 
 def listing_key() -> str:
@@ -48,6 +52,10 @@ def listing_key() -> str:
     found = importlib.util.find_spec("mcp")
     sdk = os.stat(found.origin).st_mtime_ns if found and found.origin else 0
     return hashlib.sha256(Path(__file__).read_bytes() + f"{sdk}{sys.version}".encode()).hexdigest()[:16]
+
+
+def listing_digest(listing: dict) -> str:
+    return hashlib.sha256(json.dumps([listing.get("latest"), listing.get("versions")], sort_keys=True).encode()).hexdigest()
 
 
 def listing_complete(listing: dict) -> bool:
@@ -146,8 +154,8 @@ def early_wire(argv: list[str]) -> EarlyWire | None:
         return None
     try:
         listing = json.loads(LISTING.read_text())
-        if listing.get("key") != listing_key() or not listing_complete(listing):
-            return None
+        if listing.get("key") != listing_key() or not listing_complete(listing) or listing_digest(listing) != LISTING_DIGEST:
+            return None  # made for other code, incomplete, or not what this code answers: the SDK answers
     except (OSError, ValueError, AttributeError, TypeError):
         return None
     wire = claim_stdio()
@@ -1048,7 +1056,7 @@ def refresh_listing() -> None:
     """Write LISTING if it is missing or was made for other code (quietly: the server runs on)."""
     with contextlib.suppress(Exception):
         listing = json.loads(LISTING.read_text())
-        if listing.get("key") == listing_key() and listing_complete(listing):
+        if listing.get("key") == listing_key() and listing_complete(listing) and listing_digest(listing) == LISTING_DIGEST:
             return
     try:
         LISTING.parent.mkdir(parents=True, exist_ok=True)

@@ -738,7 +738,10 @@ def test_the_handshake_is_answered_early_with_exactly_the_sdks_answers(tmp_path)
     import scribe_mcp
 
     scribe_mcp.refresh_listing()
-    assert json.loads(scribe_mcp.LISTING.read_text()) == scribe_mcp.make_listing()
+    made = scribe_mcp.make_listing()
+    assert json.loads(scribe_mcp.LISTING.read_text()) == made
+    digest = scribe_mcp.listing_digest(made)
+    assert digest == scribe_mcp.LISTING_DIGEST, f"a tool or the instructions changed: set LISTING_DIGEST = {digest!r}"
 
     def session(early: bool) -> list[dict]:
         env = {**server_env(), "SCRIBE_EARLY_HANDSHAKE": "1" if early else "0"}
