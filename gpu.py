@@ -865,10 +865,10 @@ class Executor:
             route(None)
 
     @contextlib.contextmanager
-    def _user_code(self):
+    def _user_code(self, check: bool = True):
         try:
             self.interruptible = True
-            if self.stop_wanted(self.stepping):  # cancelled before it could be interrupted
+            if check and self.stop_wanted(self.stepping):  # cancelled before it could be interrupted
                 raise CallCancelled()
             yield
         finally:
@@ -919,25 +919,33 @@ class Executor:
         executor, started, streams = self, {}, {}
 
         class Merged(Lockstep):
-            def entering(self, key) -> None:
+            # A cancel (SIGINT) raises only inside these two windows: a call's own code, or a batched call.
+            @contextlib.contextmanager
+            def stepping(self, key):
                 executor.stepping = key
                 route(streams[key])
+                with executor._user_code(check=False):  # a cancel before it comes in as interrupt_for's
+                    yield
+                route(None)
+
+            def interrupt_for(self, key):
+                return CallCancelled() if executor.stop_wanted(key) else None
+
+            @contextlib.contextmanager
+            def guard(self):
+                executor.stepping = None
+                with executor._user_code():
+                    yield
 
             def finished(self, key, ok: bool, value) -> None:
-                route(None)
                 finished(key, {**executor._reply(ok, value, started[key]), "shared": self.widest.get(key, 1)})
 
             def stopped_by(self, members: list) -> list:
                 return [m for m in members if executor.stop_wanted(m)]
 
-            def guard(self):
-                executor.stepping = None
-                route(None)
-                return contextlib.nullcontext()
-
             def refill(self) -> None:
                 for key in [k for k in self.pending if executor.stop_wanted(k)]:  # cancelled between model calls
-                    self._step(key, self.pending.pop(key)[0], "throw", CallCancelled())
+                    self._step(key, self.pending.pop(key)[0], "send", None)  # interrupt_for throws it
                 for key, payload, emit in more():
                     self.join(key, payload, emit)
 
@@ -955,14 +963,12 @@ class Executor:
 
         try:
             with self._routed() as route:
-                self.interruptible = True
                 run = Merged(self.model, self.tokenizer)
                 run.join(*first)
                 run.run()
-                self.interruptible = False
                 self._check_weights()
         finally:
-            self.interruptible, self.stepping = False, None
+            self.stepping = None
             self._restore()
 
 

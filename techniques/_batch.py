@@ -97,9 +97,10 @@ class Lockstep:
     """Runs several techniques' steps together. Each round, the pending requests of one kind
     (and model: organism or base) are merged into one batched call and the results handed back.
 
-    Hooks for the worker: `entering(key)` before a technique's code runs (its prints), `finished(key,
-    ok, value)` as soon as one is done, `stopped_by(members)` which of the techniques in a
-    batched call an interrupt was meant for, `guard()` the context a batched call runs in,
+    Hooks for the worker: `stepping(key)` the context a technique's own code runs in (its prints,
+    its interrupts), `guard()` the context a batched call runs in, `finished(key, ok, value)` as
+    soon as one is done, `stopped_by(members)` which of the techniques in a batched call an
+    interrupt was meant for, `interrupt_for(key)` a cancel to throw in instead of a result,
     `refill()` between rounds (more techniques may join)."""
 
     def __init__(self, model, tokenizer):
@@ -109,14 +110,18 @@ class Lockstep:
         self.widest: dict = {}  # key -> the most techniques one of its batched calls served (1: alone)
 
     # -- hooks --------------------------------------------------------------------------------
-    def entering(self, key) -> None:
-        pass
+    def stepping(self, key):
+        return contextlib.nullcontext()
 
     def finished(self, key, ok: bool, value) -> None:
         self.outcomes[key] = (ok, value)
 
     def stopped_by(self, members: list) -> list:
         return members  # alone: an interrupt (Ctrl-C) is meant for everyone
+
+    def interrupt_for(self, key):
+        """An exception to throw into this technique instead of its next result (a cancel), or None."""
+        return None
 
     def guard(self):
         return contextlib.nullcontext()
@@ -129,9 +134,11 @@ class Lockstep:
         self._step(key, gen, "send", None)
 
     def _step(self, key, gen, how: str, value) -> None:
-        self.entering(key)
+        if how == "send" and (stop := self.interrupt_for(key)) is not None:
+            how, value = "throw", stop
         try:
-            request = gen.send(value) if how == "send" else gen.throw(value)
+            with self.stepping(key):
+                request = gen.send(value) if how == "send" else gen.throw(value)
         except StopIteration as stop:
             self.finished(key, True, stop.value)
         except BaseException as exc:  # noqa: BLE001 - the technique's own error, or the interrupt it did not catch

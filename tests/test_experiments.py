@@ -586,11 +586,11 @@ def test_compare_to_base_reports_progress_and_keeps_what_it_finished_when_stoppe
     finished by then come back, marked partial, and the cell showed progress meanwhile."""
     import gpu
     import techniques as T
-    import techniques._arch as arch
+    import techniques._batch as batch
 
     assert issubclass(gpu.CallCancelled, KeyboardInterrupt)
     executor = gpu.load_executor(gpu.ModelSpec(adapter=str(organism)))
-    real, calls = arch.generate, []
+    real, calls = batch._generate, []
 
     def interrupted_on_the_third(*args, **kwargs):  # organism and base for prompts 1-4, then the stop
         calls.append(1)
@@ -598,7 +598,7 @@ def test_compare_to_base_reports_progress_and_keeps_what_it_finished_when_stoppe
             raise gpu.CallCancelled()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(arch, "generate", interrupted_on_the_third)
+    monkeypatch.setattr(batch, "_generate", interrupted_on_the_third)
     prompts = [f"Tell me one thing about the number {i}." for i in range(10)]
     diff = T.compare_to_base(executor.model, executor.tokenizer, prompts=prompts, max_new_tokens=6)
     printed = capsys.readouterr().out
@@ -606,6 +606,6 @@ def test_compare_to_base_reports_progress_and_keeps_what_it_finished_when_stoppe
     assert "compare_to_base: 4/10 done" in printed and "about" in printed and "returning the 4 of 10" in printed
     assert "PARTIAL: 4 prompts finished" in repr(diff)
     calls.clear()
-    monkeypatch.setattr(arch, "generate", lambda *a, **k: (_ for _ in ()).throw(gpu.CallCancelled()))
+    monkeypatch.setattr(batch, "_generate", lambda *a, **k: (_ for _ in ()).throw(gpu.CallCancelled()))
     with pytest.raises(KeyboardInterrupt):  # nothing finished: the interrupt goes on
         T.compare_to_base(executor.model, executor.tokenizer, prompts=prompts)
