@@ -219,12 +219,14 @@ def shared_worker():
 
 
 def hold(spec, socket_path, folder: Path, name: str):
-    """A call that keeps the model busy until `release()`; returns (thread, release)."""
+    """A call that holds the model (it has started when this returns) until `release()`; returns
+    (thread, release)."""
     gate = folder / f"{name}.go"
 
     def wait_for_gate(model, tokenizer, path):
         import os
         import time
+        open(path + ".started", "w").close()
         while not os.path.exists(path):
             time.sleep(0.02)
 
@@ -232,6 +234,9 @@ def hold(spec, socket_path, folder: Path, name: str):
     thread = threading.Thread(target=backend.call, args=(gpu.dumps_call(wait_for_gate, (), {"path": str(gate)}),
                                                          600, lambda *_: None))
     thread.start()
+    deadline = time.monotonic() + 300
+    while not Path(f"{gate}.started").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
     return thread, lambda: gate.touch()
 
 
