@@ -58,6 +58,11 @@ def listing_digest(listing: dict) -> str:
     return hashlib.sha256(json.dumps([listing.get("latest"), listing.get("versions")], sort_keys=True).encode()).hexdigest()
 
 
+def listing_usable(listing: dict) -> bool:
+    """Made for this code, complete, and exactly what this code answers: only then is it served."""
+    return listing.get("key") == listing_key() and listing_complete(listing) and listing_digest(listing) == LISTING_DIGEST
+
+
 def listing_complete(listing: dict) -> bool:
     """Whether a saved listing has both answers for every protocol version it names (a truncated or
     hand-edited file is ignored, and rewritten at start)."""
@@ -154,7 +159,7 @@ def early_wire(argv: list[str]) -> EarlyWire | None:
         return None
     try:
         listing = json.loads(LISTING.read_text())
-        if listing.get("key") != listing_key() or not listing_complete(listing) or listing_digest(listing) != LISTING_DIGEST:
+        if not listing_usable(listing):
             return None  # made for other code, incomplete, or not what this code answers: the SDK answers
     except (OSError, ValueError, AttributeError, TypeError):
         return None
@@ -1055,8 +1060,7 @@ async def _answers(requests: list[dict]) -> dict:
 def refresh_listing() -> None:
     """Write LISTING if it is missing or was made for other code (quietly: the server runs on)."""
     with contextlib.suppress(Exception):
-        listing = json.loads(LISTING.read_text())
-        if listing.get("key") == listing_key() and listing_complete(listing) and listing_digest(listing) == LISTING_DIGEST:
+        if listing_usable(json.loads(LISTING.read_text())):
             return
     try:
         LISTING.parent.mkdir(parents=True, exist_ok=True)
