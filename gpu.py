@@ -1192,8 +1192,12 @@ class Worker:
         """The oldest call of the session served least recently (under self.ready)."""
         call = min(self.queue, key=lambda c: self.turns.get(c.session, -1))  # min keeps arrival order on ties
         self.queue.remove(call)
-        self.turns[call.session] = max(self.turns.values(), default=0) + 1
+        self._served(call)
         return call
+
+    def _served(self, call: _Call) -> None:
+        """Its session's turn is now the latest (under self.ready)."""
+        self.turns[call.session] = max(self.turns.values(), default=0) + 1
 
     def _start(self, call: _Call) -> None:
         call.conn.send({"op": "started", "id": call.id})
@@ -1209,7 +1213,7 @@ class Worker:
             joining = []
             while self.queue and self.queue[0].merge:
                 call = self.queue.pop(0)
-                self.turns[call.session] = max(self.turns.values(), default=0) + 1
+                self._served(call)
                 joining.append(call)
             self.running += joining
         for call in joining:
