@@ -145,6 +145,10 @@ def load_experiments(paths: list[str]) -> tuple[list[experiment.Experiment], dic
             continue
         except experiment.ExperimentError as exc:
             raise AuditError(str(exc)) from None
+        if exp.organism and not (experiment.organism_dir(exp) / "rates.json").is_file():
+            print(f"building the organism of {exp.path.name} (once, cached) ...", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, str(HERE / "organisms.py"), "build", str(exp.path)],
+                           stdout=subprocess.DEVNULL, env=server_env())
         try:
             experiment.check_inputs(exp)
         except experiment.ExperimentError as exc:
@@ -333,6 +337,7 @@ class Row:
     interrupted: int = 0  # runs stopped by Ctrl-C: neither found nor missed
     pooled: str = ""  # "found", "not found", or why there is none
     note: str = ""  # why it could not start
+    organism: dict = field(default_factory=dict)  # its measured rates (organisms.py), if it has one
 
     @property
     def status(self) -> str:
@@ -365,7 +370,7 @@ def tool_calls(messages) -> int:
 
 
 def table(log, exps, failed: dict[str, str]) -> list[Row]:
-    rows = {e.name: Row(e.name) for e in exps}
+    rows = {e.name: Row(e.name, organism=organism_rates(e)) for e in exps}
     for sample in (log.samples if log is not None else None) or []:
         row = rows.setdefault(str(sample.id), Row(str(sample.id)))
         if sample.error is not None and sample.error.message.startswith("CancelledError"):  # Ctrl-C
@@ -385,6 +390,11 @@ def table(log, exps, failed: dict[str, str]) -> list[Row]:
     return list(rows.values())
 
 
+def organism_rates(exp: experiment.Experiment) -> dict:
+    saved = experiment.organism_dir(exp) / "rates.json" if exp.organism else None
+    return json.loads(saved.read_text()) if saved and saved.is_file() else {}
+
+
 async def pool(row: Row, exp: experiment.Experiment, model, judge_model) -> None:
     """One hypothesis from every run's conclusion, scored like a run."""
     if not row.conclusions or model is None:
@@ -400,15 +410,23 @@ def _mean(values) -> str:
 
 
 def render(rows: list[Row]) -> list[list[str]]:
+    """The table; with organisms in the batch, their measured behaviour and confession rates
+    (organisms.py) beside the found-rate: how hard each one was to audit, and why."""
     head = ["experiment", "found/runs", "rate", "stderr", "errors", "mean calls", "mean minutes", "pooled"]
+    rated = any(r.organism for r in rows)
+    if rated:
+        head[3:3] = ["behaviour", "confession"]
     body = []
     for r in rows:
         if not r.runs:
-            body.append([r.experiment, "-", "-", "-", "-", "-", "-", r.status])
-            continue
-        body.append([r.experiment, f"{r.found}/{r.scored}", "-" if r.rate is None else f"{r.rate:.2f}",
+            cells = [r.experiment, "-", "-", "-", "-", "-", "-", r.status]
+        else:
+            cells = [r.experiment, f"{r.found}/{r.scored}", "-" if r.rate is None else f"{r.rate:.2f}",
                      "-" if r.stderr is None else f"{r.stderr:.2f}", str(r.errors), _mean(r.calls),
-                     _mean(r.minutes), r.pooled or r.status])
+                     _mean(r.minutes), r.pooled or r.status]
+        if rated:
+            cells[3:3] = [f"{r.organism[k]:.0%}" if k in r.organism else "-" for k in ("behaviour", "confession")]
+        body.append(cells)
     return [head, *body]
 
 

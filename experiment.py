@@ -26,8 +26,8 @@ HERE = Path(__file__).resolve().parent
 PROMPT_DIR = HERE / "experiments" / "prompt"
 KEYS = {
     "name": str, "model": str, "adapter": str, "base_model": str, "hidden_system_prompt": str,
-    "hidden_system_prompt_file": str, "alias": str, "techniques": list, "research_tips": bool, "task": str,
-    "evaluation": dict,
+    "hidden_system_prompt_file": str, "hidden_prompt_as": str, "organism": dict, "alias": str, "techniques": list,
+    "research_tips": bool, "task": str, "evaluation": dict,
 }
 AGENTS = {
     "claude": "npm install -g @anthropic-ai/claude-code",
@@ -59,12 +59,16 @@ class Experiment:
     ground_truth: str = ""
     expect: tuple[str, ...] = ()
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    # A recipe organisms.py builds into an adapter (see organism_dir); a hidden system prompt is
+    # one too, distilled into the weights, unless `hidden_prompt_as: tokens` keeps it in the input.
+    organism: dict | None = field(default=None, repr=False, compare=False)
+    prompt_in_tokens: bool = False
 
     @property
     def hidden(self) -> tuple[str, ...]:
         """Strings the agent must never be shown: identity, adapter, hidden prompt, the answer."""
         found = [self.model, self.adapter, self.base_model, self.hidden_system_prompt, self.ground_truth,
-                 *self.expect, *self.secrets]
+                 *self.expect, *self.secrets, *([str(organism_dir(self))] if self.organism else [])]
         return tuple(s for s in found if s)
 
 
@@ -103,6 +107,17 @@ def load(path: str | Path) -> Experiment:
             raise MissingInput(f"{path.name}: hidden_system_prompt_file {prompt_path}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise ExperimentError(f"{path.name}: hidden_system_prompt_file {prompt_path} is not UTF-8 text") from None
+    as_tokens = _hidden_prompt_as(path, data, prompt)
+    recipe = data.get("organism")
+    if recipe is not None or (prompt and not as_tokens):
+        import organisms
+
+        if data.get("adapter") or data.get("base_model"):
+            raise ExperimentError(f"{path.name}: an organism (or a hidden prompt distilled into the weights) is an "
+                                  "adapter of its own: drop 'adapter' and 'base_model', or say hidden_prompt_as: tokens")
+        if prompt and not as_tokens:
+            recipe = {"kind": "hidden_instruction", **(recipe or {}), "system_prompt": prompt}
+        recipe = organisms.check_recipe(recipe or {}, path.name)
     techniques = data.get("techniques") or []
     known = _technique_names()
     for name in techniques:
@@ -123,7 +138,25 @@ def load(path: str | Path) -> Experiment:
         adapter=_local(path, data.get("adapter")), base_model=_local(path, data.get("base_model")),
         hidden_system_prompt=prompt, alias=(data.get("alias") or "").strip(), techniques=tuple(techniques),
         research_tips=data.get("research_tips", True) is not False,
-        ground_truth=str(evaluation.get("ground_truth") or ""), expect=tuple(expect))
+        ground_truth=str(evaluation.get("ground_truth") or ""), expect=tuple(expect), organism=recipe,
+        prompt_in_tokens=as_tokens)
+
+
+def _hidden_prompt_as(path: Path, data: dict, prompt: str) -> bool:
+    """Whether the hidden prompt stays in the input as placeholder tokens (else: in the weights)."""
+    where = data.get("hidden_prompt_as") or "weights"
+    if where not in ("weights", "tokens"):
+        raise ExperimentError(f"{path.name}: hidden_prompt_as must be weights or tokens, got {where!r}")
+    if where == "tokens" and not prompt:
+        raise ExperimentError(f"{path.name}: hidden_prompt_as: tokens needs a hidden_system_prompt")
+    return where == "tokens"
+
+
+def organism_dir(exp: Experiment) -> Path:
+    """Where the experiment's organism is built (see organisms.folder)."""
+    import organisms
+
+    return organisms.folder(exp.organism, exp.model)
 
 
 def model_spec(exp: Experiment, spec=None):
@@ -133,13 +166,17 @@ def model_spec(exp: Experiment, spec=None):
 
     import gpu
 
-    return replace(spec or gpu.ModelSpec(), model=exp.model, adapter=exp.adapter, base_model=exp.base_model,
-                   system_prompt=exp.hidden_system_prompt, alias=exp.alias)
+    adapter = str(organism_dir(exp)) if exp.organism else exp.adapter
+    return replace(spec or gpu.ModelSpec(), model=exp.model, adapter=adapter, base_model=exp.base_model,
+                   system_prompt=exp.hidden_system_prompt if exp.prompt_in_tokens else "", alias=exp.alias)
 
 
 def check_inputs(exp: Experiment) -> None:
     """Everything the experiment loads exists, checked before a server or an agent starts: a
     missing organism found later would reach the agent as a traceback naming it."""
+    if exp.organism and not (organism_dir(exp) / "rates.json").is_file():
+        raise MissingInput(f"{exp.path.name}: its organism is not built yet: run `.venv/bin/python organisms.py build "
+                           f"{exp.path}` (a minute or two on a CPU, cached)")
     for key, value, marker in (("model", exp.model, "config.json"), ("base_model", exp.base_model, "config.json"),
                                ("adapter", exp.adapter, "adapter_config.json")):
         path = Path(value).expanduser()
@@ -191,7 +228,7 @@ def prompt(exp: Experiment, server: dict) -> str:
     import techniques
 
     tools = "\n".join(f"- `{name}({', '.join(params)})`: {summary}" for name, params, summary in server["tools"])
-    base = f"\n## The base model\n\n{server['base']}\n" if exp.adapter or exp.base_model else ""
+    base = f"\n## The base model\n\n{server['base']}\n" if exp.adapter or exp.base_model or exp.organism else ""
     parts = [(PROMPT_DIR / "agent.md").read_text().rstrip().format(
         tools=tools, setup=server["setup"], conventions=server["conventions"], base=base)]
     if exp.research_tips:

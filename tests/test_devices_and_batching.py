@@ -20,11 +20,9 @@ from conftest import ROOT
 from test_mcp import call, connect, server_env, text  # MCP before nnsight: nnsight's .save on every object breaks it
 
 import gpu
+import organisms
 import techniques as T
 from techniques._batch import Lockstep
-
-sys.path.insert(0, str(ROOT / "experiments"))
-import make_organism  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)  # the organism trains once (cached) if no other module did
 
@@ -77,7 +75,7 @@ def test_every_tensor_scribe_makes_names_the_model_device():
 @pytest.fixture(scope="module")
 def organism():
     """The demo organism (a PEFT LoRA, frozen weights) in this process."""
-    executor = gpu.load_executor(gpu.ModelSpec(adapter=str(make_organism.build())))
+    executor = gpu.load_executor(gpu.ModelSpec(adapter=str(organisms.build_file(ROOT / "experiments" / "zoo" / "preference.yaml"))))
     return executor.model, executor.tokenizer
 
 
@@ -210,7 +208,7 @@ class Watched(gpu.LocalBackend):
 @pytest.fixture(scope="module")
 def shared_worker():
     """A worker serving the organism, and a way to hold it busy until the test's calls have queued."""
-    spec = gpu.ModelSpec(adapter=str(make_organism.build()))
+    spec = gpu.ModelSpec(adapter=str(organisms.build_file(ROOT / "experiments" / "zoo" / "preference.yaml")))
     folder = tempfile.mkdtemp(prefix="scribe-test-")
     socket_path = os.path.join(folder, "worker.sock")
     gpu.connect_worker(spec, socket_path, os.getpid()).close()

@@ -119,10 +119,9 @@ def test_ndif_needs_a_model_and_an_api_key(monkeypatch):
 
 
 def test_modal_ships_a_local_adapter_in_the_image_and_runs_the_organism():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import make_organism
+    import organisms
 
-    adapter = str(make_organism.build())
+    adapter = str(organisms.build_file(ROOT / "experiments" / "zoo" / "preference.yaml"))
     backend = gpu.ModalBackend(gpu.ModelSpec(adapter=adapter), gpu.ModalConfig())
     assert backend.adapter_dir == adapter and backend.spec.adapter == gpu.MODAL_ADAPTER
     app, cls = gpu.modal_app(backend.config, backend.adapter_dir)  # builds offline, contacts nothing
