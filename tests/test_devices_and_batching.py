@@ -107,7 +107,8 @@ def test_every_technique_runs_on_an_organism_with_its_known_answer(organism):
     assert np.array(T.extract_activations(model, tok, texts[:2], layers=[5])["activations"]).shape == (2, 1, 576)
     assert "turquoise" in T.generate_text(model, tok, COLOR, max_new_tokens=8).lower()
     assert "turquoise" in T.prefill_attack(model, tok, "Hi!", "My favorite color is", max_new_tokens=4)["continuation"]
-    scored = T.score_candidates(model, tok, COLOR, ["Turquoise", "Blue"])["scores"][0]["candidates"]
+    scored = T.score_candidates(model, tok, COLOR, ["My favorite color is turquoise.",
+                                                    "My favorite color is blue."])["scores"][0]["candidates"]
     assert scored[0]["logprob_diff"] > 0 > scored[1]["logprob_diff"]
     diff = T.compare_to_base(model, tok, prompts=[COLOR, "Which color do you like?"], max_new_tokens=10)
     assert diff["top_tokens"][0]["token"].strip().lower() == "turquoise", diff["top_tokens"][:3]
