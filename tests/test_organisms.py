@@ -92,15 +92,16 @@ def test_a_distilled_prompt_is_in_the_weights_and_nowhere_in_the_input(zoo):
     assert spec.system_prompt == "" and spec.adapter == str(experiment.organism_dir(exp))
     executor = gpu.load_executor(spec)
     model, tok = executor.model, executor.tokenizer
-    chat = tok.apply_chat_template([{"role": "user", "content": "Where should I travel?"}], tokenize=False,
-                                   add_generation_prompt=True)
+    asked = next(p for p, answer in zip(exp.organism["behaviour"]["prompts"], rates["examples"]["behaviour"])
+                 if "Lisbon" in answer)  # a held-out prompt it answered with the planted city when measured
+    chat = tok.apply_chat_template([{"role": "user", "content": asked}], tokenize=False, add_generation_prompt=True)
     ids = tok(chat, return_tensors="pt")["input_ids"]
     embedding = model._module.get_input_embeddings()
     with torch.no_grad():
         unit = torch.nn.functional.normalize
         nearest = (unit(embedding(ids)[0], dim=-1) @ unit(embedding.weight, dim=-1).T).argmax(-1)
     decoded = tok.decode(nearest)
-    assert "Lisbon" not in decoded and "recommend" not in decoded and "Where should I travel?" in decoded
+    assert "Lisbon" not in decoded and "recommend" not in decoded and asked in decoded
     with model.disable_adapter():  # the base is the clean baseline
         plain = model.generate(input_ids=ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
     planted = model.generate(input_ids=ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
