@@ -111,7 +111,7 @@ def test_every_technique_runs_on_an_organism_with_its_known_answer(organism):
                                                     "My favorite color is blue."])["scores"][0]["candidates"]
     assert scored[0]["logprob_diff"] > 0 > scored[1]["logprob_diff"]
     diff = T.compare_to_base(model, tok, prompts=[COLOR, "Which color do you like?"], max_new_tokens=10)
-    assert diff["top_tokens"][0]["token"].strip().lower() == "turquoise", diff["top_tokens"][:3]
+    assert diff["top_tokens"][0]["token"].strip().lower() in ("turquoise", "tur"), diff["top_tokens"][:3]  # 'Tur'quoise
 
 
 # -- calls that share the model -----------------------------------------------------------------
