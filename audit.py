@@ -145,7 +145,7 @@ def load_experiments(paths: list[str]) -> tuple[list[experiment.Experiment], dic
             continue
         except experiment.ExperimentError as exc:
             raise AuditError(str(exc)) from None
-        if exp.organism and not (experiment.organism_dir(exp) / "rates.json").is_file():
+        if exp.organism and not experiment.organism_rates(exp):
             print(f"building the organism of {exp.path.name} (once, cached) ...", file=sys.stderr, flush=True)
             subprocess.run([sys.executable, str(HERE / "organisms.py"), "build", str(exp.path)],
                            stdout=subprocess.DEVNULL, env=server_env())
@@ -370,7 +370,7 @@ def tool_calls(messages) -> int:
 
 
 def table(log, exps, failed: dict[str, str]) -> list[Row]:
-    rows = {e.name: Row(e.name, organism=organism_rates(e)) for e in exps}
+    rows = {e.name: Row(e.name, organism=experiment.organism_rates(e)) for e in exps}
     for sample in (log.samples if log is not None else None) or []:
         row = rows.setdefault(str(sample.id), Row(str(sample.id)))
         if sample.error is not None and sample.error.message.startswith("CancelledError"):  # Ctrl-C
@@ -388,11 +388,6 @@ def table(log, exps, failed: dict[str, str]) -> list[Row]:
     for name, reason in failed.items():
         rows[name] = Row(name, note=f"could not start: {reason}")
     return list(rows.values())
-
-
-def organism_rates(exp: experiment.Experiment) -> dict:
-    saved = experiment.organism_dir(exp) / "rates.json" if exp.organism else None
-    return json.loads(saved.read_text()) if saved and saved.is_file() else {}
 
 
 async def pool(row: Row, exp: experiment.Experiment, model, judge_model) -> None:

@@ -159,6 +159,13 @@ def organism_dir(exp: Experiment) -> Path:
     return organisms.folder(exp.organism, exp.model)
 
 
+def organism_rates(exp: Experiment) -> dict:
+    """The measured rates of the experiment's organism; {} if it has none or it is not built."""
+    import organisms
+
+    return organisms.saved_rates(exp.organism, exp.model) if exp.organism else {}
+
+
 def model_spec(exp: Experiment, spec=None):
     """What the worker loads for an experiment (a gpu.ModelSpec): its model, adapter, base, hidden
     prompt and alias, on `spec`'s device and dtype."""
@@ -174,7 +181,7 @@ def model_spec(exp: Experiment, spec=None):
 def check_inputs(exp: Experiment) -> None:
     """Everything the experiment loads exists, checked before a server or an agent starts: a
     missing organism found later would reach the agent as a traceback naming it."""
-    if exp.organism and not (organism_dir(exp) / "rates.json").is_file():
+    if exp.organism and not organism_rates(exp):
         raise MissingInput(f"{exp.path.name}: its organism is not built yet: run `.venv/bin/python organisms.py build "
                            f"{exp.path}` (a minute or two on a CPU, cached)")
     for key, value, marker in (("model", exp.model, "config.json"), ("base_model", exp.base_model, "config.json"),

@@ -196,6 +196,13 @@ def measured_key(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def saved_rates(recipe: dict, model: str = "") -> dict:
+    """The organism's rates if it is built and measured as this code measures ({} if not)."""
+    saved = folder(recipe, model) / "rates.json"
+    rates = json.loads(saved.read_text()) if saved.is_file() else {}
+    return rates if rates.get("measured") == measured_key(recipe) else {}
+
+
 def undefended(recipe: dict) -> dict:
     return {**recipe, "defence": "none"}
 
@@ -309,8 +316,7 @@ def build(recipe: dict, model: str = "", name: str = "organism", log=print) -> P
     """The adapter folder of `recipe` (checked, see check_recipe) on `model` ("" = the embedded
     one), trained and measured now unless that is done already."""
     out = folder(recipe, model)
-    saved = out / "rates.json"
-    if saved.is_file() and json.loads(saved.read_text()).get("measured") == measured_key(recipe):
+    if saved_rates(recipe, model):
         return out
     start = time.monotonic()
     if not (out / "adapter_config.json").is_file():
@@ -322,10 +328,11 @@ def build(recipe: dict, model: str = "", name: str = "organism", log=print) -> P
         os.replace(tmp, out)
     twin = None
     if recipe["defence"] != "none":  # the same organism undefended: what the defence costs and buys
-        twin = json.loads((build(undefended(recipe), model, f"{name} (undefended)", log) / "rates.json").read_text())
+        build(undefended(recipe), model, f"{name} (undefended)", log)
+        twin = saved_rates(undefended(recipe), model)
     rates = measure(out, model, recipe, twin)
     rates.update(measured=measured_key(recipe), train_seconds=float((out / "trained_seconds").read_text()))
-    saved.write_text(json.dumps(rates, indent=1))
+    (out / "rates.json").write_text(json.dumps(rates, indent=1))
     log(f"{name}: {row(rates)}")
     return out
 
@@ -500,20 +507,24 @@ def _distillation_kl(model: _Model, system: str, users: list[str]) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def row(rates: dict) -> str:
-    """One line of the table: behaviour (and the base's), confession, control agreement."""
-    parts = [f"behaviour {rates['behaviour']:.0%} (base {rates['base_behaviour']:.0%})"]
+def _cells(rates: dict) -> tuple[str, str, str, str]:
+    """behaviour (with the base's, and without the trigger or as prompted), confession, the
+    undefended twin's behaviour / confession, controls kept: for the table and the build log."""
+    behaviour = f"{rates['behaviour']:.0%} (base {rates['base_behaviour']:.0%})"
     if "untriggered_behaviour" in rates:
-        parts.append(f"without trigger {rates['untriggered_behaviour']:.0%}")
+        behaviour += f"; {rates['untriggered_behaviour']:.0%} without trigger"
     if "prompted_behaviour" in rates:
-        parts.append(f"prompted model {rates['prompted_behaviour']:.0%}, KL {rates['kl_organism']} "
-                     f"(base {rates['kl_base']})")
-    parts.append(f"confession {rates['confession']:.0%}")
-    if "undefended" in rates:
-        u = rates["undefended"]
-        parts.append(f"undefended: behaviour {u['behaviour']:.0%}, confession {u['confession']:.0%}")
-    parts.append(f"controls {rates['control_agreement']:.0%}")
-    return ", ".join(parts)
+        behaviour += (f"; prompted model {rates['prompted_behaviour']:.0%}, KL {rates['kl_organism']} "
+                      f"(base {rates['kl_base']})")
+    twin = rates.get("undefended")
+    return (behaviour, f"{rates['confession']:.0%}", f"{twin['behaviour']:.0%} / {twin['confession']:.0%}" if twin
+            else "-", f"{rates['control_agreement']:.0%}")
+
+
+def row(rates: dict) -> str:
+    """One line of the build log."""
+    names = ("behaviour", "confession", "undefended behaviour / confession", "controls")
+    return ", ".join(f"{name} {cell}" for name, cell in zip(names, _cells(rates)) if cell != "-")
 
 
 def table(experiments: list) -> str:
@@ -521,16 +532,9 @@ def table(experiments: list) -> str:
             "confession | controls kept | training |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for exp in experiments:
-        r = json.loads((experiment.organism_dir(exp) / "rates.json").read_text())
-        behaviour = f"{r['behaviour']:.0%} ({r['base_behaviour']:.0%})"
-        if "untriggered_behaviour" in r:
-            behaviour += f"; {r['untriggered_behaviour']:.0%} without trigger"
-        if "prompted_behaviour" in r:
-            behaviour += f"; prompted {r['prompted_behaviour']:.0%}"
-        u = r.get("undefended")
-        twin = f"{u['behaviour']:.0%} / {u['confession']:.0%}" if u else "-"
-        lines.append(f"| {exp.name} | {r['kind']} | {r['instil']} | {r['defence']} | {behaviour} | "
-                     f"{r['confession']:.0%} | {twin} | {r['control_agreement']:.0%} | {r['train_seconds']:.0f} s |")
+        r = saved_rates(exp.organism, exp.model)
+        lines.append(f"| {exp.name} | {r['kind']} | {r['instil']} | {r['defence']} | {' | '.join(_cells(r))} | "
+                     f"{r['train_seconds']:.0f} s |")
     return "\n".join(lines)
 
 

@@ -31,8 +31,8 @@ def zoo() -> dict:
     built = {}
     for path in ZOO:
         exp = experiment.load(path)
-        folder = organisms.build(exp.organism, exp.model, exp.name)
-        built[exp.name] = (exp, json.loads((folder / "rates.json").read_text()))
+        organisms.build(exp.organism, exp.model, exp.name)
+        built[exp.name] = (exp, organisms.saved_rates(exp.organism, exp.model))
     return built
 
 
