@@ -504,25 +504,27 @@ kernelapp.launch_new_instance()
 """
 
 
-def launch_kernel(runtime: Path, env: dict, cwd: str, started=None):
+def launch_kernel(runtime: Path, env: dict, cwd: str, started=None, making=contextlib.nullcontext):
     """Start an ipykernel; returns (KernelManager, client) once it answers. `started(km)` is
     called as soon as its process exists (before it answers).
 
     `runtime`'s parent (the server's runtime folder) must exist: a kernel starting while the
-    server shuts down must fail, not recreate the folder the server just removed.
+    server shuts down must fail, not recreate the folder the server just removed. `making()`
+    is held while its folder, connection file and process are made (SessionManager.making).
     """
     longest = len(os.fsencode(runtime / "k-99"))
     if longest > SOCKET_PATH_MAX:
         raise SessionError(f"the kernel's socket path would be {longest} bytes, over this system's limit of "
                            f"{SOCKET_PATH_MAX}: start the server with a shorter TMPDIR (now {runtime.parent.parent})")
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    # IPC sockets and the connection file in the server's private folder: no TCP port, no
-    # litter in ~/.local/share/jupyter, and one rmtree cleans everything.
-    km = KernelManager(transport="ipc", ip=str(runtime / "k"), connection_file=str(runtime / "connection.json"))
-    km.kernel_spec.argv = [sys.executable, "-c", KERNEL_LAUNCHER, "-f", "{connection_file}"]
-    km.start_kernel(cwd=cwd, env=env, extra_arguments=KERNEL_ARGS)
-    if started is not None:
-        started(km)
+    with making():
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        # IPC sockets and the connection file in the server's private folder: no TCP port, no
+        # litter in ~/.local/share/jupyter, and one rmtree cleans everything.
+        km = KernelManager(transport="ipc", ip=str(runtime / "k"), connection_file=str(runtime / "connection.json"))
+        km.kernel_spec.argv = [sys.executable, "-c", KERNEL_LAUNCHER, "-f", "{connection_file}"]
+        km.start_kernel(cwd=cwd, env=env, extra_arguments=KERNEL_ARGS)
+        if started is not None:
+            started(km)
     kc = km.client()
     # Never drop IOPub messages: the kernel's high-water mark would discard output (and the
     # final idle status) whenever we fall behind a flood.
@@ -597,7 +599,8 @@ class Session:
     # -- kernel life ------------------------------------------------------
 
     def start_kernel(self) -> None:
-        self.km, self.kc = launch_kernel(self._runtime, self.manager.env_for(self.id), str(self.path.parent))
+        self.km, self.kc = launch_kernel(self._runtime, self.manager.env_for(self.id), str(self.path.parent),
+                                         making=self.manager.making)
         self._executed = {}
 
     def stop_kernel(self) -> None:
@@ -990,6 +993,7 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._making = threading.Lock()
         # One kernel started ahead of need, so start_new_session does not wait ~0.5 s for one.
         self._spare_wanted = spare_kernel
         self._spare: tuple[str, object, object] | None = None
@@ -1017,7 +1021,7 @@ class SessionManager:
         try:
             session_id = secrets.token_hex(4)
             km, kc = launch_kernel(self.runtime / session_id, self.env_for(session_id),
-                                   str(self.notebook_dir), started=self._spare_started)
+                                   str(self.notebook_dir), started=self._spare_started, making=self.making)
             with self._lock:
                 self._launching = None
                 if not self._closed.is_set():
@@ -1029,6 +1033,15 @@ class SessionManager:
                 print(f"[scribe] spare kernel failed to start: {exc}", file=sys.stderr, flush=True)
         finally:
             self._spare_lock.release()
+
+    @contextlib.contextmanager
+    def making(self):
+        """Held while a kernel's folder and process are made. shutdown_all waits for it, and none
+        is made after: a folder made while the runtime folder is being removed would keep it."""
+        with self._making:
+            if self._closed.is_set():
+                raise SessionError("the server is shutting down: no new kernel starts")
+            yield
 
     def _spare_started(self, km) -> None:
         """A spare kernel's process exists: shutdown_all kills it if it is still starting then
@@ -1115,6 +1128,8 @@ class SessionManager:
     def shutdown_all(self) -> None:
         """Save every notebook and stop every kernel, all at once (Claude Code allows ~0.4 s)."""
         self._closed.set()
+        if self._making.acquire(timeout=5):  # a kernel being made now: its process exists once this returns
+            self._making.release()
         with self._lock:
             sessions, self.sessions = list(self.sessions.values()), {}
             spare, self._spare = self._spare, None

@@ -240,8 +240,8 @@ def hold(spec, socket_path, folder: Path, name: str):
 
 
 def call_all(spec, socket_path, folder, calls, timeouts=None):
-    """Send `calls` from one session each while the model is held, release it once all have queued;
-    returns the replies."""
+    """Send `calls` from one session each, in order, while the model is held; release it once all have
+    queued; returns the replies."""
     holder, release = hold(spec, socket_path, folder, f"hold-{time.monotonic_ns()}")
     backends = [Watched(spec, socket_path, os.getpid(), who=f"session {i}") for i in range(len(calls))]
     replies = {}
@@ -250,9 +250,8 @@ def call_all(spec, socket_path, folder, calls, timeouts=None):
         replies[i] = backends[i].call(gpu.dumps_call(fn, (), kwargs), (timeouts or {}).get(i, 600), lambda *_: None)
 
     threads = [threading.Thread(target=send, args=(i, fn, kw)) for i, (fn, kw) in enumerate(calls)]
-    for t in threads:
+    for t, b in zip(threads, backends):  # one at a time: the worker's queue holds them in this order
         t.start()
-    for b in backends:
         assert b.queued.wait(300)
     release()
     for t in threads + [holder]:

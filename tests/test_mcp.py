@@ -747,7 +747,8 @@ def test_the_handshake_is_answered_early_with_exactly_the_sdks_answers(tmp_path)
         env = {**server_env(), "SCRIBE_EARLY_HANDSHAKE": "1" if early else "0"}
         proc = subprocess.Popen([sys.executable, str(ROOT / "scribe_mcp.py"), "--no-preload", "--notebook-dir",
                                  str(tmp_path / f"nb-{early}")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, env=env)
+                                stderr=subprocess.DEVNULL, env=env, bufsize=0)  # unbuffered: select sees every answer
+        # (a buffered readline reads ahead: an answer it took with the one before never shows to select)
         lines = [{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
                      "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}},
                  {"jsonrpc": "2.0", "method": "notifications/initialized"},
