@@ -27,7 +27,7 @@ PROMPT_DIR = HERE / "experiments" / "prompt"
 KEYS = {
     "name": str, "model": str, "adapter": str, "base_model": str, "hidden_system_prompt": str,
     "hidden_system_prompt_file": str, "hidden_prompt_as": str, "organism": dict, "alias": str, "techniques": list,
-    "research_tips": bool, "task": str, "evaluation": dict,
+    "research_tips": bool, "task": str, "evaluation": dict, "sae": str,
 }
 AGENTS = {
     "claude": "npm install -g @anthropic-ai/claude-code",
@@ -63,12 +63,14 @@ class Experiment:
     # one too, distilled into the weights, unless `hidden_prompt_as: tokens` keeps it in the input.
     organism: dict | None = field(default=None, repr=False, compare=False)
     prompt_in_tokens: bool = False
+    sae: str = ""  # "embedded" (saes.py builds it), a SAELens folder, or RELEASE:SAE_ID of sae-lens's registry
 
     @property
     def hidden(self) -> tuple[str, ...]:
         """Strings the agent must never be shown: identity, adapter, hidden prompt, the answer."""
         found = [self.model, self.adapter, self.base_model, self.hidden_system_prompt, self.ground_truth,
-                 *self.expect, *self.secrets, *([str(organism_dir(self))] if self.organism else [])]
+                 *self.expect, *self.secrets, *([str(organism_dir(self))] if self.organism else []),
+                 *([self.sae] if self.sae != "embedded" else [])]
         return tuple(s for s in found if s)
 
 
@@ -125,6 +127,14 @@ def load(path: str | Path) -> Experiment:
             raise ExperimentError(f"{path.name}: techniques: each entry must be a technique name, got {name!r}")
         if name not in known:
             raise ExperimentError(f"{path.name}: techniques: unknown technique {name!r}; known: {', '.join(sorted(known))}")
+    sae = _sae(path, data)
+    import techniques as catalog
+
+    if not sae and set(techniques) & set(catalog.SAE_TECHNIQUES):
+        raise ExperimentError(f"{path.name}: techniques: {sorted(set(techniques) & set(catalog.SAE_TECHNIQUES))[0]} "
+                              "needs a sparse autoencoder: add `sae:` (embedded, a SAELens folder or RELEASE:SAE_ID)")
+    if sae and techniques:  # an experiment with an SAE offers its techniques
+        techniques += [name for name in catalog.SAE_TECHNIQUES if name not in techniques]
     evaluation = data.get("evaluation") or {}
     unknown = set(evaluation) - {"ground_truth", "expect"}
     if unknown:
@@ -139,7 +149,16 @@ def load(path: str | Path) -> Experiment:
         hidden_system_prompt=prompt, alias=(data.get("alias") or "").strip(), techniques=tuple(techniques),
         research_tips=data.get("research_tips", True) is not False,
         ground_truth=str(evaluation.get("ground_truth") or ""), expect=tuple(expect), organism=recipe,
-        prompt_in_tokens=as_tokens)
+        prompt_in_tokens=as_tokens, sae=sae)
+
+
+def _sae(path: Path, data: dict) -> str:
+    """The experiment's SAE: "embedded", a folder (relative to the file) or RELEASE:SAE_ID."""
+    sae = (data.get("sae") or "").strip()
+    if sae == "embedded" and data.get("model"):
+        raise ExperimentError(f"{path.name}: sae: embedded is the embedded model's SAE; for {data['model']!r} give "
+                              "a SAELens folder or RELEASE:SAE_ID")
+    return sae if sae in ("", "embedded") else _local(path, sae)
 
 
 def _hidden_prompt_as(path: Path, data: dict, prompt: str) -> bool:
@@ -175,7 +194,17 @@ def model_spec(exp: Experiment, spec=None):
 
     adapter = str(organism_dir(exp)) if exp.organism else exp.adapter
     return replace(spec or gpu.ModelSpec(), model=exp.model, adapter=adapter, base_model=exp.base_model,
-                   system_prompt=exp.hidden_system_prompt if exp.prompt_in_tokens else "", alias=exp.alias)
+                   system_prompt=exp.hidden_system_prompt if exp.prompt_in_tokens else "", alias=exp.alias,
+                   sae=sae_source(exp.sae))
+
+
+def sae_source(sae: str) -> str:
+    """What the worker loads for an SAE named as an experiment (or --sae) names it."""
+    if sae != "embedded":
+        return sae
+    import saes
+
+    return str(saes.folder())
 
 
 def check_inputs(exp: Experiment) -> None:
@@ -184,6 +213,9 @@ def check_inputs(exp: Experiment) -> None:
     if exp.organism and not organism_rates(exp):
         raise MissingInput(f"{exp.path.name}: its organism is not built yet: run `.venv/bin/python organisms.py build "
                            f"{exp.path}` (a minute or two on a CPU, cached)")
+    problem = sae_problem(exp.sae)
+    if problem:
+        raise MissingInput(f"{exp.path.name}: sae: {problem}")
     for key, value, marker in (("model", exp.model, "config.json"), ("base_model", exp.base_model, "config.json"),
                                ("adapter", exp.adapter, "adapter_config.json")):
         path = Path(value).expanduser()
@@ -194,6 +226,18 @@ def check_inputs(exp: Experiment) -> None:
         if not _on_hub(value, marker):
             raise MissingInput(f"{exp.path.name}: {key}: {value!r} is neither a folder (relative to the experiment "
                                   "file) nor a model hub id that is downloaded or reachable: build or download it first")
+
+
+def sae_problem(sae: str) -> str:
+    """Why an SAE named as an experiment (or --sae) names it cannot be loaded; "" if it can (a
+    release is checked when loaded: sae-lens's registry is not imported here)."""
+    import saes
+
+    if sae == "embedded" and not saes.built():
+        return "the embedded model's SAE is not built yet: run `.venv/bin/python saes.py build` (about 4 minutes on 2 CPU cores, cached; setup.sh does it)"
+    if sae and sae != "embedded" and ":" not in sae and not (Path(sae) / "cfg.json").is_file():
+        return f"{sae} is not a SAELens folder (no cfg.json)"
+    return ""
 
 
 def _on_hub(repo: str, marker: str) -> bool:
@@ -241,7 +285,7 @@ def prompt(exp: Experiment, server: dict) -> str:
     if exp.research_tips:
         parts.append((PROMPT_DIR / "research_tips.md").read_text().rstrip())
     parts.append(f"## Your task\n\n{exp.task}")
-    offered = [fn for fn in techniques.TECHNIQUES if fn.__name__ in exp.techniques]
+    offered = [fn for fn in techniques.TECHNIQUES if fn.__name__ in (exp.techniques or exp.sae and techniques.SAE_TECHNIQUES)]
     if offered:
         lines = ["## Techniques ready to use", "",
                  "`from techniques import NAME`, then `client.run(NAME, ...)` with the arguments below "

@@ -97,6 +97,7 @@ class ModelSpec:
     system_prompt: str = ""  # a hidden system prompt, put into every chat template applied
     alias: str = ""  # the only name the agent sees for the model
     base_model: str = ""  # a full fine-tune's base, loaded beside it for diffing
+    sae: str = ""  # a sparse autoencoder: a SAELens folder, or "RELEASE:SAE_ID" from the local HF cache
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -241,6 +242,8 @@ def load_model(spec: ModelSpec, timings: dict | None = None):
         base_switch = lambda: contextlib.nullcontext(base)  # noqa: E731
     if base_switch is not None:
         hf_model.scribe_base = base_switch
+    if spec.sae:
+        hf_model.scribe_sae = SAESlot(spec.sae, str(next(hf_model.parameters()).device))
     done("adapter or base model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -252,6 +255,47 @@ def load_model(spec: ModelSpec, timings: dict | None = None):
     wrapped = TransformersModel(hf_model, tokenizer=tokenizer)
     done("nnsight wrap")
     return wrapped, tokenizer
+
+
+class SAESlot:
+    """The served model's sparse autoencoder, loaded by sae-lens on first use (`get()`): its
+    import alone takes seconds, which workers that never use it should not pay."""
+
+    def __init__(self, source: str, device: str):
+        self.source, self.device = source, device
+        self._sae, self._lock = None, threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._sae is None:
+                self._sae = load_sae(self.source, self.device)
+            return self._sae
+
+
+def load_sae(source: str, device: str = "cpu"):
+    """A SAELens SAE, eval mode, on `device`: from a folder holding cfg.json and its weights, or
+    "RELEASE:SAE_ID" of sae-lens's registry (GemmaScope, LlamaScope, ...) from the local Hugging
+    Face cache (never downloaded here). Its folder (`scribe_folder`, None for a release) may hold
+    the corpus and feature index that techniques.features reads."""
+    from sae_lens import SAE
+
+    folder = Path(source).expanduser()
+    if (folder / "cfg.json").is_file():
+        sae = SAE.load_from_disk(str(folder), device=device)
+    elif ":" in source and not folder.exists():
+        release, sae_id = source.split(":", 1)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            sae = SAE.from_pretrained(release, sae_id, device=device)
+        except Exception as exc:
+            raise ValueError(f"SAE {source!r}: sae-lens could not load {sae_id!r} of release {release!r} from the "
+                             f"local Hugging Face cache ({type(exc).__name__}: {exc})") from None
+        folder = None
+    else:
+        raise ValueError(f"SAE {source!r}: neither a folder with cfg.json nor RELEASE:SAE_ID of sae-lens's registry")
+    sae.eval()
+    sae.scribe_folder = folder
+    return sae
 
 
 HIDDEN_TOKEN = "<hidden_{}>"
@@ -407,6 +451,8 @@ def secrets_of(spec: ModelSpec, renamed: tuple[str, ...] = ()) -> dict[str, str]
         if spec.adapter:
             found[spec.adapter] = "[hidden adapter]"
             found[Path(spec.adapter).name] = "[hidden adapter]"
+        if spec.sae:  # a release or folder name often names the model it was trained on
+            found[spec.sae] = "[hidden SAE]"
     if spec.system_prompt:
         found[spec.system_prompt] = "[hidden system prompt]"
     return {k: v for k, v in sorted(found.items(), key=lambda kv: -len(kv[0])) if len(k) >= 4}

@@ -274,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "but returns no attention weights) [SCRIBE_ATTN_IMPLEMENTATION, default %(default)s]")
     p.add_argument("--adapter", default=_env("ADAPTER", ""),
                    help="a PEFT adapter (hub id or folder) applied on top of the model [SCRIBE_ADAPTER]")
+    p.add_argument("--sae", default=_env("SAE", ""),
+                   help="a sparse autoencoder for the SAE techniques (sae_features, ...): embedded (the embedded "
+                        "model's, built by `saes.py build`; its default once built), a SAELens folder, "
+                        "RELEASE:SAE_ID of sae-lens's registry from the local Hugging Face cache, or none [SCRIBE_SAE]")
     p.add_argument("--notebook-dir", default=_env("NOTEBOOK_DIR", "notebooks"),
                    help="where notebooks are created; resume/continue only open notebooks inside it "
                         "[SCRIBE_NOTEBOOK_DIR, default %(default)s]")
@@ -346,17 +350,35 @@ def make_runtime_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix=f"scribe-{os.getpid()}-"))
 
 
+def server_sae(args: argparse.Namespace) -> str:
+    """The SAE that --sae names, checked; by default the embedded model's, once built (an
+    experiment names its own)."""
+    import experiment
+    import saes
+
+    sae = "" if args.sae == "none" else args.sae
+    if not args.sae and not args.model and not args.experiment and args.mode == "local" and saes.built():
+        sae = "embedded"
+    if sae and args.mode != "local":
+        raise ValueError(f"--sae: SAEs are served by the local worker, not in --mode {args.mode}")
+    problem = experiment.sae_problem(sae)
+    if problem:
+        raise ValueError(f"--sae: {problem}")
+    return sae
+
+
 class Scribe:
     """The server's state: the sessions and the shared model worker."""
 
     def __init__(self, args: argparse.Namespace):
+        import experiment
+
+        sae = server_sae(args)
         self.spec = gpu.ModelSpec(model=args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
                                   attn_implementation=args.attn_implementation,
-                                  remote="ndif" if args.mode == "ndif" else "")
+                                  remote="ndif" if args.mode == "ndif" else "", sae=experiment.sae_source(sae))
         self.offered: tuple[str, ...] = ()  # techniques an experiment offers (empty: all)
         if args.experiment:
-            import experiment
-
             exp = experiment.load(args.experiment)
             experiment.check_inputs(exp)
             self.spec = experiment.model_spec(exp, self.spec)
@@ -750,7 +772,7 @@ def build_server(scribe: Scribe) -> MCPServer:
         if session_id is not None:
             _session(sessions, session_id)
         scribe.ensure_worker()
-        catalog = await _blocking(_technique_catalog, scribe.offered)
+        catalog = await _blocking(_technique_catalog, scribe.offered, bool(scribe.spec.sae))
         return _text_result(init_text(scribe, catalog, scribe.speed()))
 
     @mcp.tool(annotations=DESTROYS, structured_output=True)
@@ -902,7 +924,7 @@ KERNEL_PACKAGES = ("numpy", "pandas", "matplotlib", "scipy", "sklearn", "seaborn
 WORKER_PACKAGES = ("torch", "transformers", "nnsight", "peft", "accelerate", "einops")
 
 
-def _technique_catalog(offered: tuple[str, ...] = ()) -> dict:
+def _technique_catalog(offered: tuple[str, ...] = (), sae: bool = False) -> dict:
     import importlib.util
 
     import techniques  # light: every technique imports torch inside its own body
@@ -910,7 +932,8 @@ def _technique_catalog(offered: tuple[str, ...] = ()) -> dict:
     def importable(names):
         return [n for n in names if importlib.util.find_spec(n) is not None]
 
-    chosen = [fn for fn in techniques.TECHNIQUES if not offered or fn.__name__ in offered]
+    chosen = [fn for fn in techniques.TECHNIQUES if (not offered or fn.__name__ in offered)
+              and (sae or fn.__name__ not in techniques.SAE_TECHNIQUES)]
     return {"techniques": techniques.catalog(chosen), "plots": techniques.catalog(techniques.PLOTS),
             "kernel_packages": importable(KERNEL_PACKAGES), "worker_packages": importable(WORKER_PACKAGES)}
 

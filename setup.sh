@@ -28,6 +28,9 @@ $PY -c "import gpu; print('model cache:', gpu.resolve_model_path(gpu.ModelSpec()
 # The SDK's answers to the MCP handshake, saved so the server can give them before the SDK has
 # loaded: agent CLIs that do not wait for servers then see the tools on their first turn.
 $PY -c "import scribe_mcp; scribe_mcp.refresh_listing()"
+# The embedded model's sparse autoencoder for the SAE techniques: trained once beside the model
+# cache (about 4 minutes on 2 CPU cores, then instant).
+$PY saes.py build
 if [ "${1:-}" = "--test" ]; then
     command -v npm >/dev/null || { echo "setup.sh --test needs npm (e.g. apt-get install npm)" >&2; exit 1; }
     # node 22, the MCP conformance suite, and the three agent CLIs the tests drive headless.

@@ -11,7 +11,8 @@ plain transformers hold for any weights, and the timings are real. On a GPU mach
 network, install Scribe's dependencies from wheels first (the developers' notes list them).
 
 Checks (a failed one exits 1): every technique with and without a LoRA adapter, against a known
-answer computed with plain transformers; hidden-prompt logits equal plain text; the MCP flow
+answer computed with plain transformers (the SAE techniques with the adapter, on an SAE with
+random weights in SAELens's format); hidden-prompt logits equal plain text; the MCP flow
 (start -> init -> setup -> client.run -> a technique). Measures: each technique's time, the
 overhead of logit lens, activation patching, a trace and generation against the same work in
 plain transformers (the 1.56B model), K = 1, 2, 4, 16 sessions calling generate_text at once on
@@ -94,6 +95,26 @@ def build_adapter(model_dir: Path, work: Path) -> Path:
                                       init_lora_weights=False))
     out = work / f"{model_dir.name}-lora"
     model.save_pretrained(out)
+    return out
+
+
+def build_sae(model_dir: Path, work: Path) -> Path:
+    """A SAELens folder: a JumpReLU SAE with random weights on the middle block's output (equalities
+    with the SAE's own encoder hold for any weights)."""
+    import torch
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    config = json.loads((model_dir / "config.json").read_text())
+    d, layer = config["hidden_size"], config["num_hidden_layers"] // 2
+    torch.manual_seed(2)
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d, d_sae=4 * d, metadata=SAEMetadata(
+        hook_name=f"blocks.{layer}.hook_resid_post")))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d, 4 * d) / d ** 0.5)
+        sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(4 * d, d), dim=-1))
+    out = work / f"{model_dir.name}-sae"
+    sae.save_model(out)
     return out
 
 
@@ -202,6 +223,34 @@ def check_techniques(label: str, model, tok, fp32: bool, device: str) -> None:
     if getattr(hf, "scribe_base", None) is not None:
         check("compare_to_base", lambda: T.compare_to_base(model, tok, prompts=PROMPTS[:4], max_new_tokens=8),
               lambda r: len(r["top_tokens"]) == 20 and not r["partial"])
+    if getattr(hf, "scribe_sae", None) is not None:
+        check_sae(check, model, tok, tol)
+
+
+def check_sae(check, model, tok, tol: float) -> None:
+    """The SAE techniques on the model's device, with known answers from the SAE itself."""
+    import torch
+
+    import techniques as T
+    from techniques import features as F
+
+    sae, layer = F.served_sae(model)
+    ids = tok(F.led(tok, CLEAN), return_tensors="pt").to(model._module.device)
+    with torch.no_grad():
+        hidden = model._module(**ids, output_hidden_states=True).hidden_states[layer + 1]
+        direct = sae.encode(hidden.to(sae.W_enc.dtype))[0, -1].float()
+    check("sae_features (= the SAE's encoder on hidden_states[layer + 1])", lambda: T.sae_features(model, tok, CLEAN),
+          lambda r: r["features"][-1][0]["feature"] == int(direct.argmax())
+          and abs(r["features"][-1][0]["activation"] - float(direct.max())) < 10 * tol * max(1.0, float(direct.max())))
+    feature = int(direct.argmax())
+    check("feature_examples (its index made over the corpus on the device)",
+          lambda: T.feature_examples(model, tok, feature), lambda r: r["examples"] or r["frequency"] == 0)
+    check("search_features", lambda: T.search_features(model, tok, "the"), lambda r: "by_label" in r)
+    check("steer_with_feature (raises its own top token)", lambda: T.steer_with_feature(
+        model, tok, "Hi", feature, max_new_tokens=4, chat=False), lambda r: r["promoted"][0]["after"] > r["promoted"][0]["before"])
+    if getattr(model._module, "scribe_base", None) is not None:
+        check("contrastive_features", lambda: T.contrastive_features(model, tok, PROMPTS[:4], top_k=5),
+              lambda r: len(r["features"]) == 5)
 
 
 # -- overhead against plain transformers (the big model) ------------------------------------------
@@ -426,12 +475,13 @@ def main() -> int:
     try:
         small_name, big_name = ("llama-tiny", "llama-tiny") if args.quick else ("llama-135m", "llama-1.5b")
         small = build(small_name, tokenizer_dir, work / "small", device, dtype)
-        lora = build_adapter(small, work)
+        lora, sae = build_adapter(small, work), build_sae(small, work)
         big = small if args.quick else build(big_name, tokenizer_dir, work / "big", device, dtype)
         mcp_flow(small, device, work)
         plain = gpu.load_executor(gpu.ModelSpec(model=str(small), device=device, dtype=dtype))
         check_techniques(small_name, plain.model, plain.tokenizer, fp32, device)
-        organism = gpu.load_executor(gpu.ModelSpec(model=str(small), adapter=str(lora), device=device, dtype=dtype))
+        organism = gpu.load_executor(gpu.ModelSpec(model=str(small), adapter=str(lora), device=device, dtype=dtype,
+                                                   sae=str(sae)))
         check_techniques(f"{small_name} + LoRA", organism.model, organism.tokenizer, fp32, device)
         hidden_prompt(small, device, dtype, plain.model, plain.tokenizer)
         del organism

@@ -16,6 +16,7 @@ from .attention import attention_patterns
 from .attribution_patching import attribution_patching
 from .diffing import base_model, compare_to_base, score_candidates
 from .dla import direct_logit_attribution
+from .features import contrastive_features, feature_examples, sae_features, search_features, steer_with_feature
 from .generation import generate_text
 from .logit_lens import logit_lens
 from .model_info import get_model_info
@@ -30,7 +31,10 @@ TECHNIQUES = [
     get_model_info, generate_text, analyze_token_probs, prefill_attack, logit_lens, activation_patching,
     attribution_patching, steering, steering_vector, attention_patterns, direct_logit_attribution, ablation,
     patchscope, extract_activations, train_probe, compare_to_base, score_candidates,
+    sae_features, feature_examples, search_features, contrastive_features, steer_with_feature,
 ]
+# These need a sparse autoencoder served with the model: offered only where one is.
+SAE_TECHNIQUES = ("sae_features", "feature_examples", "search_features", "contrastive_features", "steer_with_feature")
 PLOTS = [plot_logit_lens, plot_patching, plot_attention]
 __all__ = [fn.__name__ for fn in TECHNIQUES + PLOTS] + ["base_model"]
 
