@@ -99,14 +99,14 @@ def build_adapter(model_dir: Path, work: Path) -> Path:
 
 
 def build_sae(model_dir: Path, work: Path) -> Path:
-    """A SAELens folder: a JumpReLU SAE with random weights on the middle block's output (equalities
+    """A SAELens folder: a JumpReLU SAE with random weights on a middle block's output (equalities
     with the SAE's own encoder hold for any weights)."""
     import torch
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
     config = json.loads((model_dir / "config.json").read_text())
-    d, layer = config["hidden_size"], config["num_hidden_layers"] // 2
+    d, layer = config["hidden_size"], config["num_hidden_layers"] // 2 - 1  # not the last: its hidden_states entry is normed
     torch.manual_seed(2)
     sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d, d_sae=4 * d, metadata=SAEMetadata(
         hook_name=f"blocks.{layer}.hook_resid_post")))

@@ -111,15 +111,15 @@ def feature_index(d_sae: int, encoded) -> dict:
     `where` is [feature, example, (text, position)]."""
     import torch
 
-    values = torch.zeros(d_sae, EXAMPLES)
-    where = torch.zeros(d_sae, EXAMPLES, 2, dtype=torch.int32)
-    fired, total = torch.zeros(d_sae), 0
+    values = torch.zeros(d_sae, EXAMPLES, device="cpu")  # the index is kept on the CPU, whatever the model's device
+    where = torch.zeros(d_sae, EXAMPLES, 2, dtype=torch.int32, device="cpu")
+    fired, total = torch.zeros(d_sae, device="cpu"), 0
     with torch.no_grad():
         for text, acts in enumerate(encoded):
             f = acts.T.float().cpu()  # features x positions
             fired += (f > 0).sum(1)
             total += f.shape[1]
-            pos = torch.arange(f.shape[1], dtype=torch.int32).expand(f.shape[0], -1)
+            pos = torch.arange(f.shape[1], dtype=torch.int32, device="cpu").expand(f.shape[0], -1)
             places = torch.cat([where, torch.stack([torch.full_like(pos, text), pos], -1)], 1)
             values, best = torch.cat([values, f], 1).topk(EXAMPLES, dim=1)
             where = places.gather(1, best[..., None].expand(-1, -1, 2))

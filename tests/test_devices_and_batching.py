@@ -358,8 +358,9 @@ def test_the_gpu_check_runs_its_checks_on_a_cpu(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     names = {r["name"] for r in rows}
-    # all 17 techniques (get_model_info..compare_to_base) checked on the organism
-    assert sum(r["section"] == "techniques llama-tiny + LoRA" for r in rows) == 17 and not [r for r in rows if r["ok"] is False]
+    # all 17 techniques (get_model_info..compare_to_base) and the 5 SAE ones checked on the organism
+    assert sum(r["section"] == "techniques llama-tiny + LoRA" for r in rows) == 22 and not [r for r in rows if r["ok"] is False]
+    assert any(r["name"].startswith("contrastive_features") for r in rows)
     assert {"logit lens, every layer", "activation patching, every layer x position", "worker spawn -> first reply",
             "nnsight wrap", "max |logit difference| vs the plain text"} <= names
     assert any(n.startswith("K=4 concurrent generate_text") for n in names)
