@@ -67,11 +67,9 @@ NAMED = re.compile(r"smol|hugging\s*face", re.IGNORECASE)  # the embedded model'
 
 def folder(model: str = "") -> Path:
     """The SAE's folder for `model` ("" = the embedded one), named by what it is trained from."""
-    spec = gpu.ModelSpec(model=model)
-    path = gpu.resolve_model_path(spec)
     settings = [VERSION, LAYER, EXPANSION, K, STEPS, BATCH, LR, CONTEXT, PARAGRAPHS, ANSWER_TOKENS, HELD_OUT, SEEDS]
-    key = hashlib.sha256(json.dumps([str(path), settings]).encode()).hexdigest()[:12]
-    return gpu.cache_root(spec) / "sae" / f"sae-L{LAYER}-{key}"  # never the model's name: agents may see it
+    key = hashlib.sha256(json.dumps([model or gpu.EMBEDDED_FILE, settings]).encode()).hexdigest()[:12]
+    return gpu.cache_root(gpu.ModelSpec()) / "sae" / f"sae-L{LAYER}-{key}"  # never the model's name: agents may see it
 
 
 def built(model: str = "") -> Path | None:

@@ -160,29 +160,22 @@ def _encoded(model, tokenizer, texts: list[str], sae, layer, tokens: list):
             yield row[row_mask.to(row.device)]
 
 
-def _promoted(model, tokenizer, sae, features: list[int], k: int = 5) -> dict[int, list[str]]:
-    """The tokens each feature's decoder direction raises most (final norm + unembedding)."""
+def _promoted(model, tokenizer, sae, features: list[int], ids: bool = False) -> dict[int, list]:
+    """The 5 tokens (or their ids) each feature's decoder direction raises most (final norm +
+    unembedding), worked out for every feature once and kept with the loaded SAE."""
     import torch
 
-    from ._arch import arch
+    from ._arch import arch, raw
 
-    a = arch(model)
-    found = {}
-    with torch.no_grad():
-        for i in range(0, len(features), 256):
-            chunk = features[i:i + 256]
-            direction = sae.W_dec[chunk]
-            param = next(iter(_params(model)))
-            logits = a.unembed(model, direction.to(param.device, param.dtype)).float()
-            for f, ids in zip(chunk, logits.topk(k, dim=-1).indices.tolist()):
-                found[f] = tokenizer.batch_decode([[t] for t in ids])
-    return found
-
-
-def _params(model):
-    from ._arch import raw
-
-    return raw(model).parameters()
+    if getattr(sae, "scribe_promoted", None) is None:
+        a, param = arch(model), next(raw(model).parameters())
+        top = []
+        with torch.no_grad():
+            for i in range(0, sae.cfg.d_sae, 256):
+                direction = sae.W_dec[i:i + 256].to(param.device, param.dtype)
+                top += a.unembed(model, direction).float().topk(5, dim=-1).indices.tolist()
+        sae.scribe_promoted = top, [tokenizer.batch_decode([[t] for t in row]) for row in top]
+    return {f: sae.scribe_promoted[0 if ids else 1][f] for f in features}
 
 
 def _fires_on(tokenizer, index: dict, features: list[int], k: int = 4) -> dict[int, list[str]]:
@@ -370,7 +363,7 @@ def steer_with_feature(model, tokenizer, prompt: str, feature: int, strength: fl
     """
     import torch
 
-    from ._arch import arch, chat_prompt, encode
+    from ._arch import arch, chat_prompt, encode, raw
     from .steering import steering
 
     sae, layer = served_sae(model)
@@ -384,14 +377,14 @@ def steer_with_feature(model, tokenizer, prompt: str, feature: int, strength: fl
         chat = bool(getattr(tokenizer, "chat_template", None))
     inputs = encode(model, tokenizer, chat_prompt(tokenizer, prompt) if chat else prompt)
     promoted = _promoted(model, tokenizer, sae, [feature])[feature]
-    ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in promoted]
-    a = arch(model)
+    ids = _promoted(model, tokenizer, sae, [feature], ids=True)[feature]
+    a, param = arch(model), next(raw(model).parameters())
     probs = []
     with torch.no_grad():
         for alpha in (0.0, strength):
+            delta = alpha * vector.to(param.device, param.dtype)
             with model.trace(inputs["input_ids"], attention_mask=inputs["attention_mask"]):
-                out = a.layer(model, layer).output
-                out[:] += alpha * vector.to(out.device, out.dtype)
+                a.layer(model, layer).output[:] += delta
                 logits = model.output.logits[0, -1].save()
             probs.append(logits.float().softmax(-1)[ids].tolist())
     return Result({**result, "feature": feature, "label": _labels(model, tokenizer, sae, layer, [feature])[feature],
