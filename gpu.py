@@ -11,7 +11,7 @@ standard library and cloudpickle.
 
 Layout, top to bottom:
   1. configuration (what model, where the worker listens)
-  2. model loading (embedded model, GGUF cache, device/dtype)
+  2. model loading (embedded model, GGUF cache, device/dtype, adapter, SAE)
   3. serialization of calls and results
   4. the execution core shared by the local worker and the Modal container
   5. the local worker process and its wire protocol
