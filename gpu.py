@@ -283,13 +283,17 @@ def load_sae(source: str, device: str = "cpu"):
     if (folder / "cfg.json").is_file():
         sae = SAE.load_from_disk(str(folder), device=device)
     elif ":" in source and not folder.exists():
+        from huggingface_hub import constants
+
         release, sae_id = source.split(":", 1)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True  # read per call: no download, no retries
         try:
             sae = SAE.from_pretrained(release, sae_id, device=device)
         except Exception as exc:
             raise ValueError(f"SAE {source!r}: sae-lens could not load {sae_id!r} of release {release!r} from the "
                              f"local Hugging Face cache ({type(exc).__name__}: {exc})") from None
+        finally:
+            constants.HF_HUB_OFFLINE = offline
         folder = None
     else:
         raise ValueError(f"SAE {source!r}: neither a folder with cfg.json nor RELEASE:SAE_ID of sae-lens's registry")

@@ -147,8 +147,12 @@ def test_sae_techniques_say_what_is_missing_or_wrong(organism, sae_folder, tmp_p
         T.feature_examples(model, tok, 99999)
     with pytest.raises(ValueError, match="not a folder with cfg.json|neither a folder"):
         gpu.load_sae(str(tmp_path))
-    with pytest.raises(ValueError, match="local Hugging Face cache"):
-        gpu.load_sae("gemma-scope-2b-pt-res-canonical:layer_12/width_16k/canonical")
+    from huggingface_hub import constants
+
+    online = constants.HF_HUB_OFFLINE
+    with pytest.raises(ValueError, match="from the local Hugging Face cache .LocalEntryNotFoundError"):
+        gpu.load_sae("gemma-scope-2b-pt-res-canonical:layer_12/width_16k/canonical")  # offline: no download tried
+    assert constants.HF_HUB_OFFLINE == online  # only that load was held offline
     with pytest.raises(ValueError, match="contrastive_features needs at least one prompt"):
         T.contrastive_features(model, tok, [])
 
