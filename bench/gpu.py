@@ -475,13 +475,18 @@ def main() -> int:
     try:
         small_name, big_name = ("llama-tiny", "llama-tiny") if args.quick else ("llama-135m", "llama-1.5b")
         small = build(small_name, tokenizer_dir, work / "small", device, dtype)
-        lora, sae = build_adapter(small, work), build_sae(small, work)
+        lora = build_adapter(small, work)
+        try:
+            sae = str(build_sae(small, work))
+        except ModuleNotFoundError as exc:  # sae-lens not carried to this machine: the rest still runs
+            sae = ""
+            row("techniques", f"the SAE techniques: not checked ({exc.name} is not installed)", 0, ok=False)
         big = small if args.quick else build(big_name, tokenizer_dir, work / "big", device, dtype)
         mcp_flow(small, device, work)
         plain = gpu.load_executor(gpu.ModelSpec(model=str(small), device=device, dtype=dtype))
         check_techniques(small_name, plain.model, plain.tokenizer, fp32, device)
         organism = gpu.load_executor(gpu.ModelSpec(model=str(small), adapter=str(lora), device=device, dtype=dtype,
-                                                   sae=str(sae)))
+                                                   sae=sae))
         check_techniques(f"{small_name} + LoRA", organism.model, organism.tokenizer, fp32, device)
         hidden_prompt(small, device, dtype, plain.model, plain.tokenizer)
         del organism
