@@ -15,6 +15,7 @@ from .activation_patching import activation_patching
 from .attention import attention_patterns
 from .attribution_patching import attribution_patching
 from .diffing import base_model, compare_to_base, score_candidates
+from . import features
 from .dla import direct_logit_attribution
 from .features import contrastive_features, feature_examples, sae_features, search_features, steer_with_feature
 from .generation import generate_text
@@ -34,7 +35,7 @@ TECHNIQUES = [
     sae_features, feature_examples, search_features, contrastive_features, steer_with_feature,
 ]
 # These need a sparse autoencoder served with the model: offered only where one is.
-SAE_TECHNIQUES = ("sae_features", "feature_examples", "search_features", "contrastive_features", "steer_with_feature")
+SAE_TECHNIQUES = tuple(fn.__name__ for fn in TECHNIQUES if fn.__module__ == features.__name__)
 PLOTS = [plot_logit_lens, plot_patching, plot_attention]
 __all__ = [fn.__name__ for fn in TECHNIQUES + PLOTS] + ["base_model"]
 

@@ -178,17 +178,19 @@ def _promoted(model, tokenizer, sae, features: list[int], ids: bool = False) -> 
     return {f: sae.scribe_promoted[0 if ids else 1][f] for f in features}
 
 
-def _fires_on(tokenizer, index: dict, features: list[int], k: int = 4) -> dict[int, list[str]]:
-    """The distinct tokens of each feature's strongest activations in the corpus."""
-    found = {}
-    for f in features:
-        words = []
-        for value, (text, pos) in zip(index["values"][f].tolist(), index["where"][f].tolist()):
-            word = tokenizer.decode([index["tokens"][text][pos]]) if value > 0 else None
-            if word is not None and word not in words:
-                words.append(word)
-        found[f] = words[:k]
-    return found
+def _fires_on(tokenizer, index: dict, features: list[int]) -> dict[int, list[str]]:
+    """Up to four distinct tokens of each feature's strongest activations in the corpus, worked
+    out for every feature once and kept in the index."""
+    if "fires_on" not in index:
+        index["fires_on"] = []
+        for values, places in zip(index["values"].tolist(), index["where"].tolist()):
+            words = []
+            for value, (text, pos) in zip(values, places):
+                word = tokenizer.decode([index["tokens"][text][pos]]) if value > 0 else None
+                if word is not None and word not in words:
+                    words.append(word)
+            index["fires_on"].append(words[:4])
+    return {f: index["fires_on"][f] for f in features}
 
 
 def _labels(model, tokenizer, sae, layer, features: list[int]) -> dict[int, str]:
