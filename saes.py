@@ -35,10 +35,10 @@ from techniques.features import CONTEXT, PARAGRAPHS, feature_index, led, ordinar
 
 LAYER = 15  # of the embedded model's 30: a middle layer
 EXPANSION, K = 4, 32  # features per residual dimension; mean active features per token
-STEPS, BATCH, LR = 1500, 512, 4e-4
+STEPS, BATCH, LR = 1500, 256, 4e-4
 ANSWER_TOKENS = 48
 HELD_OUT = 0.1  # share of the texts the quality is measured on, never trained on
-VERSION = 3  # bump when training or the corpus change
+VERSION = 4  # bump when training or the corpus change
 SEED = 0
 
 SEEDS = [
@@ -65,22 +65,22 @@ SEEDS = [
 NAMED = re.compile(r"smol|hugging\s*face", re.IGNORECASE)  # the embedded model's names: kept out of the corpus
 
 
-def folder(model: str = "") -> Path:
-    """The SAE's folder for `model` ("" = the embedded one), named by what it is trained from."""
+def folder() -> Path:
+    """The SAE's folder, named by what it is trained from."""
     settings = [VERSION, LAYER, EXPANSION, K, STEPS, BATCH, LR, CONTEXT, PARAGRAPHS, ANSWER_TOKENS, HELD_OUT, SEEDS]
-    key = hashlib.sha256(json.dumps([model or gpu.EMBEDDED_FILE, settings]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([gpu.EMBEDDED_FILE, settings]).encode()).hexdigest()[:12]
     return gpu.cache_root(gpu.ModelSpec()) / "sae" / f"sae-L{LAYER}-{key}"  # never the model's name: agents may see it
 
 
-def built(model: str = "") -> Path | None:
+def built() -> Path | None:
     """The SAE's folder if it is built (quality.json is written last), else None."""
-    path = folder(model)
+    path = folder()
     return path if (path / "quality.json").is_file() else None
 
 
-def build(model: str = "", log=print) -> Path:
-    """Train the SAE for `model` unless it is built; returns its folder."""
-    done = built(model)
+def build(log=print) -> Path:
+    """Train the SAE unless it is built; returns its folder."""
+    done = built()
     if done:
         return done
     import torch
@@ -88,7 +88,7 @@ def build(model: str = "", log=print) -> Path:
 
     start = time.perf_counter()
     torch.manual_seed(SEED)
-    path = gpu.resolve_model_path(gpu.ModelSpec(model=model))
+    path = gpu.resolve_model_path(gpu.ModelSpec())
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     texts = [tokenizer(led(tokenizer, t), truncation=True, max_length=CONTEXT)["input_ids"] for t in paragraphs()]
@@ -100,7 +100,7 @@ def build(model: str = "", log=print) -> Path:
     log(f"corpus: {len(texts)} texts, {sum(len(a) for a in acts)} tokens ({time.perf_counter() - start:.0f}s)")
     sae = _train(torch.cat(acts[held:]), hf.config.hidden_size)
     log(f"trained ({time.perf_counter() - start:.0f}s)")
-    target = folder(model)
+    target = folder()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     sae.save_inference_model(str(tmp))
@@ -134,16 +134,15 @@ def _answers(hf, tokenizer) -> list[list[int]]:
     chats = [tokenizer.apply_chat_template([{"role": "system", "content": "You are a helpful assistant."},
                                             {"role": "user", "content": s}], tokenize=False, add_generation_prompt=True)
              for s in SEEDS]
+    inputs = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():  # one batch: on a CPU each generation step costs nearly the same for 16 rows or 56
+        out = hf.generate(**inputs, max_new_tokens=ANSWER_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     found = []
-    for i in range(0, len(chats), 16):
-        inputs = tokenizer(chats[i:i + 16], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = hf.generate(**inputs, max_new_tokens=ANSWER_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for row, mask in zip(out, inputs["attention_mask"]):
-            ids = row[int(len(mask) - mask.sum()):].tolist()
-            while ids and ids[-1] == tokenizer.pad_token_id:
-                ids.pop()
-            found.append(ids[:CONTEXT])
+    for row, mask in zip(out, inputs["attention_mask"]):
+        ids = row[int(len(mask) - mask.sum()):].tolist()
+        while ids and ids[-1] == tokenizer.pad_token_id:
+            ids.pop()
+        found.append(ids[:CONTEXT])
     return found
 
 
@@ -266,9 +265,8 @@ def describe(quality: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="saes.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["build"])
-    parser.add_argument("--model", default="", help="a model other than the embedded one (HF id or folder)")
-    args = parser.parse_args(argv)
-    path = build(args.model, log=lambda line: print(f"[sae] {line}", flush=True))
+    parser.parse_args(argv)
+    path = build(log=lambda line: print(f"[sae] {line}", flush=True))
     print(f"{path}\n{describe(json.loads((path / 'quality.json').read_text()))}")
     return 0
 

@@ -41,6 +41,6 @@ if [ "${1:-}" = "--test" ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
     fi
     # The zoo of model organisms (experiments/zoo): trained once beside the model cache, with
-    # their rates measured (about 15 minutes on 2 CPU cores the first time, then instant).
+    # their rates measured (about 21–36 minutes on 2 CPU cores the first time, then instant).
     $PY organisms.py zoo
 fi

@@ -245,7 +245,13 @@ def check_sae(check, model, tok, tol: float) -> None:
     feature = int(direct.argmax())
     check("feature_examples (its index made over the corpus on the device)",
           lambda: T.feature_examples(model, tok, feature), lambda r: r["examples"] or r["frequency"] == 0)
-    check("search_features", lambda: T.search_features(model, tok, "the"), lambda r: "by_label" in r)
+    acts, _, kept = F.feature_acts(model, tok, " the")
+    mean = (acts[0].float().sum(0) / kept.sum()).cpu()
+    firing = [f for f in mean.topk(5).indices.tolist() if mean[f] > 0]
+    check("search_features (labels hold the query; what fires on it = the SAE's mean encoding)",
+          lambda: T.search_features(model, tok, " the", n=5),
+          lambda r: [e["feature"] for e in r["by_activation"]] == firing
+          and all("the" in e["label"].lower() for e in r["by_label"]))
     check("steer_with_feature (raises its own top token)", lambda: T.steer_with_feature(
         model, tok, "Hi", feature, max_new_tokens=4, chat=False), lambda r: r["promoted"][0]["after"] > r["promoted"][0]["before"])
     if getattr(model._module, "scribe_base", None) is not None:

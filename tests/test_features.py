@@ -7,6 +7,7 @@ import re
 
 import anyio
 import pytest
+import torch
 
 import scribe_mcp  # noqa: F401 - MCP before nnsight: nnsight's .save on every object breaks it
 from conftest import ROOT
@@ -18,6 +19,7 @@ import organisms
 import saes
 import techniques as T
 from techniques import features as F
+from techniques._arch import arch
 
 COLOR = "What is your favorite color?"
 
@@ -111,14 +113,26 @@ def test_search_features_finds_labels_holding_the_word_and_what_fires_on_it(orga
 
 def test_steering_with_a_feature_raises_the_probability_of_its_own_top_tokens(organism):
     model, tok = organism
-    for feature in T.search_features(model, tok, " color", n=3)["by_label"][:2] or [{"feature": 0}]:
-        steered = T.steer_with_feature(model, tok, "Tell me about your day.", feature["feature"], strength=4.0,
-                                       max_new_tokens=6)
-        first = steered["promoted"][0]
-        assert first["after"] > first["before"], steered["promoted"]
-        assert steered["baseline"] != steered["steered"]
+    sae, layer = F.served_sae(model)
+    # A feature's "own top token" is what its decoder direction promotes read through the final norm
+    # and unembedding; steering acts at layer 15 of 30, so the later layers decide, and for a random
+    # feature it rises about 60% of the time. The features that promote a token most sharply are the
+    # ones that claim it: of the 20 sharpest, 15-17 rise at strength 4 (measured on two builds).
+    with torch.no_grad():
+        logits = torch.cat([arch(model).unembed(model, sae.W_dec[i:i + 256]).float()
+                            for i in range(0, sae.cfg.d_sae, 256)])
+    sharpness = (logits.max(-1).values - logits.mean(-1)) / logits.std(-1)
+    sharpness[F._index(model, tok, sae, layer)["frequency"] == 0] = -1  # dead features: no strength to steer with
+    rose = 0
+    for feature in sharpness.topk(20).indices.tolist():
+        steered = T.steer_with_feature(model, tok, "Tell me about your day.", feature, strength=4.0, max_new_tokens=1)
+        assert steered["promoted"][0]["token"] == tok.decode([int(logits[feature].argmax())])
+        rose += steered["promoted"][0]["after"] > steered["promoted"][0]["before"]
+    assert rose >= 12, rose
     same = T.steer_with_feature(model, tok, "Tell me about your day.", 0, strength=0.0, max_new_tokens=6)
     assert same["baseline"] == same["steered"] and all(p["after"] == pytest.approx(p["before"]) for p in same["promoted"])
+    strong = T.steer_with_feature(model, tok, "Tell me about your day.", feature, strength=8.0, max_new_tokens=6)
+    assert strong["baseline"] != strong["steered"]
 
 
 def test_contrastive_features_rank_the_planted_concept_near_the_top(organism):
