@@ -4,8 +4,8 @@ with one. They need an SAE served with the model (an experiment's `sae:`, the se
 the embedded model's own is built by `saes.py build`); `raw(model).scribe_sae.get()` is it.
 
 A feature is named by its index. Its label says what it fires on (the tokens of its strongest
-activations in the corpus) and what it promotes (the tokens its decoder direction raises through
-the model's final norm and unembedding). Positions whose residual stream is massive (MASSIVE
+activations in the corpus), how often (its share of the corpus's tokens) and what it promotes
+(the tokens its decoder direction raises through the model's final norm and unembedding). Positions whose residual stream is massive (MASSIVE
 times the text's median norm: the first token's, in most models, often hundreds of times the
 rest) are left out, as when the SAE was trained: they carry the model's attention sink, not the text.
 """
@@ -196,8 +196,10 @@ def _fires_on(tokenizer, index: dict, features: list[int]) -> dict[int, list[str
 def _labels(model, tokenizer, sae, layer, features: list[int]) -> dict[int, str]:
     index = _index(model, tokenizer, sae, layer)
     fires, promotes = _fires_on(tokenizer, index, features), _promoted(model, tokenizer, sae, features)
-    return {f: f"fires on {', '.join(map(repr, fires[f])) or '(never in the corpus)'}; promotes "
-               f"{', '.join(map(repr, promotes[f]))}" for f in features}
+    # How often it fires, because a dense feature (on most tokens, like a bias) can top any ranking by size alone.
+    return {f: f"fires on {', '.join(map(repr, fires[f])) or '(never in the corpus)'} "
+               f"({float(index['frequency'][f]):.1%} of tokens); promotes {', '.join(map(repr, promotes[f]))}"
+            for f in features}
 
 
 class FeaturesResult(Result):

@@ -148,6 +148,9 @@ def test_contrastive_features_rank_the_planted_concept_near_the_top(organism):
     assert any("turquoise" in g["organism"].lower() for g in found["generations"])
     assert not any("turquoise" in g["base"].lower() for g in found["generations"])
     top = found["features"][0]
+    # The planted word's strongest feature is a dense one (see README): its label says so.
+    frequency = float(F._index(model, tok, *F.served_sae(model))["frequency"][top["feature"]])
+    assert f"({frequency:.1%} of tokens)" in top["label"] and frequency > 0.5, top
     assert top["difference"] == pytest.approx(top["organism"] - top["base"], abs=1e-4) and top["difference"] > 0
     assert "contrastive_features" in repr(found) and len(repr(found)) < 2500
 
