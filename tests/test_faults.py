@@ -365,7 +365,8 @@ def served(tmp_path_factory):
 
 def _client_session(m, name):
     s = m.start_new(name)
-    r = s.execute("from gpu import InterpClient\nclient = InterpClient()\nclient.run(lambda m, t: 'ready')")
+    # The module's first call waits for the worker's load: a minute or more on a busy machine.
+    r = s.execute("from gpu import InterpClient\nclient = InterpClient()\nclient.run(lambda m, t: 'ready')", timeout=300)
     assert r.status == "ok" and "'ready'" in r.text, r.text
     return s
 
@@ -400,7 +401,8 @@ def test_a_call_that_swallows_interrupts_cannot_hold_the_worker(served, ended_by
     time.sleep(1.0)
     if ended_by != "cell timeout":
         m.shutdown(a.id)
-    r = b.execute("client.run(lambda m, t: 42)")
+    # It waits for the stuck call's end and a fresh worker's load: a minute or more on a busy machine.
+    r = b.execute("client.run(lambda m, t: 42)", timeout=300)
     assert r.status == "ok" and "Out[" in r.text and "42" in r.text, r.text
     assert _worker_pid(socket_path) != before  # the stuck worker was replaced
     runner.join(20)
