@@ -5,9 +5,10 @@ the embedded model's own is built by `saes.py build`); `raw(model).scribe_sae.ge
 
 A feature is named by its index. Its label says what it fires on (the tokens of its strongest
 activations in the corpus), how often (its share of the corpus's tokens) and what it promotes
-(the tokens its decoder direction raises through the model's final norm and unembedding). Positions whose residual stream is massive (MASSIVE
-times the text's median norm: the first token's, in most models, often hundreds of times the
-rest) are left out, as when the SAE was trained: they carry the model's attention sink, not the text.
+(the tokens its decoder direction raises through the model's final norm and unembedding).
+Positions whose residual stream is massive (MASSIVE times the text's median norm: the first
+token's, in most models, often hundreds of times the rest) are left out, as when the SAE was
+trained: they carry the model's attention sink, not the text.
 """
 
 from __future__ import annotations
