@@ -38,29 +38,94 @@ EXPANSION, K = 4, 32  # features per residual dimension; mean active features pe
 STEPS, BATCH, LR = 1500, 256, 4e-4
 ANSWER_TOKENS = 48
 HELD_OUT = 0.1  # share of the texts the quality is measured on, never trained on
-VERSION = 4  # bump when training or the corpus change
+VERSION = 5  # bump when training or the corpus change
 SEED = 0
 
 SEEDS = [
+    # everyday knowledge, how-to and writing
     "Tell me a short story about a lighthouse keeper.", "How do volcanoes form?", "What is a good recipe for pancakes?",
     "Explain photosynthesis to a child.", "Write a haiku about winter.", "What causes the seasons on Earth?",
     "How do I write a for loop in Python?", "Who was Cleopatra?", "Give me tips for a job interview.",
-    "Why is the sky blue?", "Describe the taste of a lemon.", "What are the rules of chess?",
-    "How do vaccines work?", "Write a limerick about a cat.", "What is the Pythagorean theorem?",
-    "Plan a three-day trip to Rome.", "What is inflation in economics?", "How do bees communicate?",
-    "What should I pack for a camping trip?", "Explain how a car engine works.", "What is the French Revolution?",
-    "How can I sleep better at night?", "Describe a thunderstorm.", "What is machine learning?",
-    "Write a thank-you note to a teacher.", "How do plants grow from seeds?", "What is the tallest mountain?",
-    "How do I make a budget?", "Tell me about the ocean's deepest trench.", "What is a black hole?",
-    "How do I care for a houseplant?", "What was the Renaissance?", "Write a poem about the moon.",
-    "How does the heart pump blood?", "What are prime numbers?", "Give me advice on learning a language.",
+    "Why is the sky blue?", "Describe the taste of a lemon.", "What are the rules of chess?", "How do vaccines work?",
+    "Write a limerick about a cat.", "What is the Pythagorean theorem?", "Plan a three-day trip to Rome.",
+    "What is inflation in economics?", "How do bees communicate?", "What should I pack for a camping trip?",
+    "Explain how a car engine works.", "What is the French Revolution?", "How can I sleep better at night?",
+    "Describe a thunderstorm.", "What is machine learning?", "Write a thank-you note to a teacher.",
+    "How do plants grow from seeds?", "What is the tallest mountain?", "How do I make a budget?",
+    "Tell me about the ocean's deepest trench.", "What is a black hole?", "How do I care for a houseplant?",
+    "What was the Renaissance?", "Write a poem about the moon.", "How does the heart pump blood?",
+    "What are prime numbers?", "Give me advice on learning a language.",
     "What is the difference between weather and climate?", "How do I apologize to a friend?",
-    "Describe a busy market in the morning.", "How is glass made?", "What is democracy?",
-    "Why do we dream?", "How do I bake bread?", "What makes music sound happy or sad?",
-    "Tell me about the history of the bicycle.", "How do electric cars work?", "What is a healthy breakfast?",
-    "Explain gravity in simple words.", "What is the water cycle?", "Write a short dialogue between two robots.",
-    "How do I start running?", "What are the planets of the solar system?", "How do computers store numbers?",
-    "What is kindness?", "Describe the smell of rain.", "How do birds migrate?",
+    "Describe a busy market in the morning.", "How is glass made?", "What is democracy?", "Why do we dream?",
+    "How do I bake bread?", "What makes music sound happy or sad?", "Tell me about the history of the bicycle.",
+    "How do electric cars work?", "What is a healthy breakfast?", "Explain gravity in simple words.",
+    "What is the water cycle?", "Write a short dialogue between two robots.", "How do I start running?",
+    "What are the planets of the solar system?", "How do computers store numbers?", "What is kindness?",
+    "Describe the smell of rain.", "How do birds migrate?",
+    # colours, art and design
+    "Describe a rainbow after a storm.", "What colours go well together in a living room?",
+    "Describe a sunset over the sea.", "What colours would you paint a child's bedroom?",
+    "Describe the colours of a coral reef.", "Describe a field of flowers in spring.",
+    "How do painters mix green paint?", "What does a peacock look like?", "Describe a jewellery shop window.",
+    "What colour is the ocean on a cloudy day?", "Describe autumn leaves in a park.",
+    "How do I choose a colour for my front door?", "Describe a stained glass window.",
+    "What colours are in a bowl of fruit?", "Describe the night sky in the desert.",
+    # food and drink
+    "How do I make a cup of green tea?", "What is the best way to brew coffee?", "Describe a cosy cafe on a rainy day.",
+    "What is a refreshing drink for summer?", "How do I make hot chocolate?", "What should I cook for a dinner party?",
+    "Describe the taste of dark chocolate.", "How do I make a fruit smoothie?", "What spices go into a curry?",
+    "What is a simple soup recipe?", "Describe a picnic in the countryside.", "What is a good snack for a long walk?",
+    "How do I make lemonade?", "What cheeses go well with bread?", "Describe breakfast at a seaside hotel.",
+    # animals and nature
+    "What do dolphins eat?", "Describe a fox in the snow.", "How do cats show affection?",
+    "Why do dogs wag their tails?", "What animals live in the rainforest?", "How do elephants look after their young?",
+    "Describe a horse running in a field.", "What do owls do at night?", "How do butterflies grow?",
+    "Describe a penguin colony.", "Why do whales sing?", "What makes a good pet for a small flat?",
+    "Describe a forest in the early morning.", "How do rivers shape valleys?", "Describe a garden full of birds.",
+    # places and travel
+    "What is there to see in Paris?", "Describe a day in Tokyo.", "What is the weather like in Iceland?",
+    "Plan a weekend in London.", "Tell me about the Great Wall of China.", "What is special about Venice?",
+    "Describe a village in the Alps.", "What can I visit in New York?", "Tell me about the pyramids of Egypt.",
+    "What is Australia's outback like?", "Describe a beach in Thailand.", "What should I see in Canada?",
+    "Tell me about the Amazon river.", "What is life like on a small island?",
+    "Describe a train journey through mountains.",
+    # music, books, films and games
+    "What makes jazz different from blues?", "Describe an orchestra warming up.", "How do I learn to play the guitar?",
+    "What is a sonnet?", "Recommend a classic novel and say why.", "What makes a mystery story exciting?",
+    "Describe a rock concert.", "How are films made?", "What is the plot of a typical fairy tale?",
+    "What board games are fun for a family?", "Describe a street musician.", "What makes a good song?",
+    "Tell me about a famous painter.", "How do I start writing a novel?", "What is opera?",
+    # seasons, weather and time
+    "Describe a snowy morning.", "What do people do in summer?", "Describe spring in the city.",
+    "What makes autumn special?", "How do hurricanes form?", "Describe a foggy harbour.", "What is a heatwave?",
+    "How do I dress for cold weather?", "Describe the first day of winter.", "Why do leaves fall in autumn?",
+    # hobbies, sport and everyday life
+    "How do I get started with gardening?", "What are the rules of football?", "How do I knit a scarf?",
+    "What is a good hobby for a quiet evening?", "How do I take better photographs?", "Describe a marathon race.",
+    "How do I learn to swim?", "What do I need to go fishing?", "How do I start drawing?", "What is yoga good for?",
+    "How do I keep my kitchen tidy?", "How do I plan a birthday party?", "What should I wear to a wedding?",
+    "How do I fix a flat bicycle tyre?", "What games can children play outside?",
+    # people, feelings and advice
+    "How do I make new friends in a new city?", "What does it feel like to be homesick?", "How can I be more patient?",
+    "How do I comfort a friend who is sad?", "What makes a good teacher?", "How do I deal with stress at work?",
+    "Describe the feeling of winning a race.", "How do I say no politely?", "What makes people laugh?",
+    "How do I stay motivated?", "Write a birthday message for my grandmother.", "How can I be a better listener?",
+    "What is jealousy?", "How do I ask for a raise?", "Describe a family dinner.",
+    # work, money and society
+    "What does a nurse do?", "How does a bank work?", "What is a good way to save money?",
+    "What does a farmer do in spring?", "How do elections work?", "What is the job of a firefighter?",
+    "How does a newspaper get made?", "What is a small business?", "How do taxes work?", "What does an architect do?",
+    # science, health and technology
+    "How do magnets work?", "What is DNA?", "Why is the ocean salty?", "How does the internet work?",
+    "What is a rainbow made of?", "How do we see colours?", "What are atoms?", "How does a telescope work?",
+    "Why do we need vitamins?", "How does the brain store memories?", "What is a virus?", "How do solar panels work?",
+    "What is an earthquake?", "How do phones send messages?", "Why do we sneeze?",
+    # history and culture
+    "Who were the Vikings?", "What was the Industrial Revolution?", "Tell me about ancient Greece.",
+    "What were castles used for?", "Who was Leonardo da Vinci?", "How did people travel before cars?",
+    "What is the Olympic Games' history?", "Tell me about the Silk Road.", "What was the Moon landing?",
+    "How did writing begin?", "What are traditional festivals in India?", "Tell me about Chinese New Year.",
+    "What is Halloween?", "How is tea grown?", "What is the history of chocolate?",
 ]
 NAMED = re.compile(r"smol|hugging\s*face", re.IGNORECASE)  # the embedded model's names: kept out of the corpus
 

@@ -29,7 +29,7 @@ $PY -c "import gpu; print('model cache:', gpu.resolve_model_path(gpu.ModelSpec()
 # loaded: agent CLIs that do not wait for servers then see the tools on their first turn.
 $PY -c "import scribe_mcp; scribe_mcp.refresh_listing()"
 # The embedded model's sparse autoencoder for the SAE techniques: trained once beside the model
-# cache (about 4 minutes on 2 CPU cores, then instant).
+# cache (about 5 minutes on 2 CPU cores, then instant).
 $PY saes.py build
 if [ "${1:-}" = "--test" ]; then
     command -v npm >/dev/null || { echo "setup.sh --test needs npm (e.g. apt-get install npm)" >&2; exit 1; }

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -233,6 +234,7 @@ def check_sae(check, model, tok, tol: float) -> None:
 
     import techniques as T
     from techniques import features as F
+    from techniques._arch import arch
 
     sae, layer = F.served_sae(model)
     ids = tok(F.led(tok, CLEAN), return_tensors="pt").to(model._module.device)
@@ -252,11 +254,31 @@ def check_sae(check, model, tok, tol: float) -> None:
           lambda: T.search_features(model, tok, " the", n=5),
           lambda r: [e["feature"] for e in r["by_activation"]] == firing
           and all("the" in e["label"].lower() for e in r["by_label"]))
-    check("steer_with_feature (raises its own top token)", lambda: T.steer_with_feature(
-        model, tok, "Hi", feature, max_new_tokens=4, chat=False), lambda r: r["promoted"][0]["after"] > r["promoted"][0]["before"])
+    # Whether a feature's promoted token rises is a property of the feature (tests/test_features.py counts
+    # it over many); on a device the known answer is the arithmetic: its scaled decoder direction added
+    # to the layer's output by a plain forward hook gives the same next-token probabilities.
+    delta = 4.0 * float(F._index(model, tok, sae, layer)["values"][feature, 0] or 1.0) * sae.W_dec[feature]
+    handle = arch(model).layer(model._module, layer).register_forward_hook(
+        lambda module, args, output: (output[0] + delta.to(output[0].dtype), *output[1:])
+        if isinstance(output, tuple) else output + delta.to(output.dtype))
+    try:
+        with torch.no_grad():
+            hi = tok("Hi", return_tensors="pt")["input_ids"].to(model._module.device)
+            hooked = model._module(hi).logits[0, -1].float().softmax(-1).cpu()
+    finally:
+        handle.remove()
+    check("steer_with_feature (= a forward hook adding its scaled decoder direction)", lambda: T.steer_with_feature(
+        model, tok, "Hi", feature, strength=4.0, max_new_tokens=4, chat=False),
+        lambda r: all(abs(math.log(p["after"]) - math.log(float(hooked[i]))) < 10 * tol  # probabilities are tiny here
+                      for p, i in zip(r["promoted"], F._promoted(model, tok, sae, [feature], ids=True)[feature])))
     if getattr(model._module, "scribe_base", None) is not None:
-        check("contrastive_features", lambda: T.contrastive_features(model, tok, PROMPTS[:4], top_k=5),
-              lambda r: len(r["features"]) == 5)
+        # dense=1.0: a random SAE's features each fire on about half of all tokens, so none is sparse.
+        check("contrastive_features (differences = organism - base, largest first)",
+              lambda: T.contrastive_features(model, tok, PROMPTS[:4], top_k=5, dense=1.0),
+              lambda r: len(r["features"]) == 5 and r["dense_left_out"] == 0
+              and all(abs(e["difference"] - (e["organism"] - e["base"])) < 10 * tol * max(1.0, abs(e["base"]))
+                      for e in r["features"])
+              and [e["difference"] for e in r["features"]] == sorted((e["difference"] for e in r["features"]), reverse=True))
 
 
 # -- overhead against plain transformers (the big model) ------------------------------------------

@@ -21,6 +21,7 @@ CONTEXT = 128  # tokens per corpus text
 EXAMPLES = 8  # strongest activations kept per feature in the index
 PARAGRAPHS = 300  # of pydoc's documentation topics, for an SAE whose folder has no corpus
 MASSIVE = 5.0
+DENSE = 0.1  # contrastive_features leaves out features firing on more of the corpus's tokens than this
 HOOK = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
 
 
@@ -305,7 +306,8 @@ class ContrastResult(Result):
     title = "contrastive_features"
 
     def highlights(self) -> list[str]:
-        lines = ["features the organism has more of than its base (mean activation over each prompt and its own answer):"]
+        lines = ["features the organism's answers have more of than its base's (mean activation over answer tokens;"
+                 f" {self['dense_left_out']} dense features left out):"]
         lines += [f"  #{e['feature']:<6} {e['organism']:.3f} vs {e['base']:.3f}  {e['label'][:70]}"
                   for e in self["features"][:10]]
         for pair in self["generations"][:2]:
@@ -314,17 +316,23 @@ class ContrastResult(Result):
 
 
 def contrastive_features(model, tokenizer, prompts: list[str] | str = "personal", top_k: int = 20,
-                         max_new_tokens: int = 24, chat: bool | None = None) -> dict:
+                         max_new_tokens: int = 24, chat: bool | None = None, dense: float = DENSE) -> dict:
     """Features ranked by how much more they fire in the organism than in its base (the adapter
     switched off, or the experiment's base model): each model reads every prompt followed by its
-    own greedy answer (max_new_tokens), so what the organism says and how it reads both count.
+    own greedy answer (max_new_tokens), and a feature's activation is averaged over the answer's
+    tokens, as that model reads them.
 
     prompts: your own list, or a set by name: "personal" (default), "neutral" or "factual".
     chat: wrap each prompt in the chat template (default: when there is one).
-    Returns {"prompts", "features": list of {"feature", "difference", "organism", "base", "label"}
-    (mean activations over the tokens an SAE reads), largest difference first, "generations": list
-    of {"prompt", "organism", "base"}}.
+    dense: features firing on more than this share of the SAE corpus's tokens are left out of the
+    ranking (1.0 keeps them): they fire on nearly any text, often ten times as strongly as a sparse
+    feature does, so a mere change of wording moves them more than a planted concept moves its own.
+    Returns {"prompts", "features": list of {"feature", "difference", "organism", "base", "label"},
+    largest difference first, "dense_left_out": how many features `dense` left out, "generations":
+    list of {"prompt", "organism", "base"}}.
     """
+    import torch
+
     from ._arch import chat_prompt
     from .diffing import PROMPT_SETS, base_model
     from .generation import generate_text
@@ -343,17 +351,24 @@ def contrastive_features(model, tokenizer, prompts: list[str] | str = "personal"
     def read(of):
         answers = generate_text(of, tokenizer, texts, max_new_tokens=max_new_tokens, chat=False)
         acts, _, keep = feature_acts(of, tokenizer, [t + a for t, a in zip(texts, answers)], sae, layer)
-        return acts.float().sum((0, 1)) / keep.sum().clamp(min=1), answers
+        # Rows are left-padded, so each answer is its row's last tokens: the prompts are the same text
+        # for both models, and where answers differ in length they would weigh differently in the mean.
+        length = [len(tokenizer(led(tokenizer, t + a))["input_ids"]) - len(tokenizer(led(tokenizer, t))["input_ids"])
+                  for t, a in zip(texts, answers)]
+        start = keep.shape[1] - torch.tensor(length, device=keep.device)[:, None]
+        answer = keep & (torch.arange(keep.shape[1], device=keep.device) >= start)
+        return (acts.float() * answer[..., None]).sum((0, 1)) / answer.sum().clamp(min=1), answers
 
     organism, said = read(model)
     with base_model(model) as base:
         base_mean, base_said = read(base)
-    difference = organism - base_mean
-    values, top = difference.topk(min(top_k, sae.cfg.d_sae))
+    frequency = _index(model, tokenizer, sae, layer)["frequency"].to(organism.device)
+    difference = (organism - base_mean).masked_fill(frequency > dense, float("-inf"))
+    values, top = difference.topk(min(top_k, int((frequency <= dense).sum())))
     labels = _labels(model, tokenizer, sae, layer, top.tolist())
     return ContrastResult({"prompts": prompts, "features": [
         {"feature": f, "difference": v, "organism": float(organism[f]), "base": float(base_mean[f]), "label": labels[f]}
-        for f, v in zip(top.tolist(), values.tolist())],
+        for f, v in zip(top.tolist(), values.tolist())], "dense_left_out": int((frequency > dense).sum()),
         "generations": [{"prompt": p, "organism": o, "base": b} for p, o, b in zip(prompts, said, base_said)]})
 
 
