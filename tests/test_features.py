@@ -161,6 +161,31 @@ def test_contrastive_features_rank_the_planted_concept_near_the_top(organism):
     assert "contrastive_features" in repr(found) and "dense features left out" in repr(found) and len(repr(found)) < 2500
 
 
+def test_a_registry_release_loads_from_the_local_hugging_face_cache(sae_folder, tmp_path, monkeypatch):
+    """RELEASE:SAE_ID goes through sae-lens's registry to the files a download would have put in
+    the local Hugging Face cache (here the embedded SAE's, under a registry release's repo)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    commit = "0" * 40
+    snapshot = tmp_path / "models--jbloom--GPT2-Small-SAEs-Reformatted" / "snapshots" / commit / "blocks.0.hook_resid_pre"
+    snapshot.mkdir(parents=True)
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        shutil.copy(sae_folder / name, snapshot / name)
+    from safetensors.torch import save_file
+
+    save_file({"sparsity": torch.zeros(2304)}, snapshot / "sparsity.safetensors")
+    (snapshot.parents[2] / "refs").mkdir()
+    (snapshot.parents[2] / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    sae = gpu.load_sae("gpt2-small-res-jb:blocks.0.hook_resid_pre")
+    assert sae.scribe_folder is None and sae.cfg.d_sae == 2304
+    assert torch.equal(sae.W_enc, gpu.load_sae(str(sae_folder)).W_enc)
+    with pytest.raises(ValueError, match="could not load 'blocks.1.hook_resid_pre' of release 'gpt2-small-res-jb'"):
+        gpu.load_sae("gpt2-small-res-jb:blocks.1.hook_resid_pre")  # in the registry, not in the cache
+
+
 def test_sae_techniques_say_what_is_missing_or_wrong(organism, sae_folder, tmp_path):
     model, tok = organism
     plain = gpu.load_executor(gpu.ModelSpec())
