@@ -344,6 +344,9 @@ def contrastive_features(model, tokenizer, prompts: list[str] | str = "personal"
         prompts = list(PROMPT_SETS[prompts])
     if not prompts:
         raise ValueError("contrastive_features needs at least one prompt")
+    if isinstance(dense, bool) or not isinstance(dense, (int, float)) or not 0 < dense <= 1:
+        raise ValueError(f"dense={dense!r}: the share of corpus tokens above which a feature is left out, in (0, 1] "
+                         "(1.0 keeps every feature)")
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     texts = [chat_prompt(tokenizer, p) if chat else p for p in prompts]
@@ -351,8 +354,8 @@ def contrastive_features(model, tokenizer, prompts: list[str] | str = "personal"
     def read(of):
         answers = generate_text(of, tokenizer, texts, max_new_tokens=max_new_tokens, chat=False)
         acts, _, keep = feature_acts(of, tokenizer, [t + a for t, a in zip(texts, answers)], sae, layer)
-        # Rows are left-padded, so each answer is its row's last tokens: the prompts are the same text
-        # for both models, and where answers differ in length they would weigh differently in the mean.
+        # Only the answers count: the prompts are the same text for both models, and their share of a
+        # mean would shift with the answers' lengths. Rows are left-padded: an answer ends its row.
         length = [len(tokenizer(led(tokenizer, t + a))["input_ids"]) - len(tokenizer(led(tokenizer, t))["input_ids"])
                   for t, a in zip(texts, answers)]
         start = keep.shape[1] - torch.tensor(length, device=keep.device)[:, None]

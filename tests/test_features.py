@@ -203,6 +203,8 @@ def test_sae_techniques_say_what_is_missing_or_wrong(organism, sae_folder, tmp_p
     assert constants.HF_HUB_OFFLINE == online  # only that load was held offline
     with pytest.raises(ValueError, match="contrastive_features needs at least one prompt"):
         T.contrastive_features(model, tok, [])
+    with pytest.raises(ValueError, match=r"dense=0: the share of corpus tokens .* in \(0, 1\]"):
+        T.contrastive_features(model, tok, "personal", dense=0)
 
 
 def test_an_experiment_with_an_sae_offers_its_techniques_in_the_prompt(tmp_path):
