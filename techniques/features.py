@@ -350,14 +350,15 @@ def contrastive_features(model, tokenizer, prompts: list[str] | str = "personal"
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     texts = [chat_prompt(tokenizer, p) if chat else p for p in prompts]
+    prompt_lengths = [len(tokenizer(led(tokenizer, t))["input_ids"]) for t in texts]
 
     def read(of):
         answers = generate_text(of, tokenizer, texts, max_new_tokens=max_new_tokens, chat=False)
         acts, _, keep = feature_acts(of, tokenizer, [t + a for t, a in zip(texts, answers)], sae, layer)
         # Only the answers count: the prompts are the same text for both models, and their share of a
         # mean would shift with the answers' lengths. Rows are left-padded: an answer ends its row.
-        length = [len(tokenizer(led(tokenizer, t + a))["input_ids"]) - len(tokenizer(led(tokenizer, t))["input_ids"])
-                  for t, a in zip(texts, answers)]
+        length = [len(tokenizer(led(tokenizer, t + a))["input_ids"]) - n
+                  for t, a, n in zip(texts, answers, prompt_lengths)]
         start = keep.shape[1] - torch.tensor(length, device=keep.device)[:, None]
         answer = keep & (torch.arange(keep.shape[1], device=keep.device) >= start)
         return (acts.float() * answer[..., None]).sum((0, 1)) / answer.sum().clamp(min=1), answers
@@ -365,13 +366,13 @@ def contrastive_features(model, tokenizer, prompts: list[str] | str = "personal"
     organism, said = read(model)
     with base_model(model) as base:
         base_mean, base_said = read(base)
-    frequency = _index(model, tokenizer, sae, layer)["frequency"].to(organism.device)
-    difference = (organism - base_mean).masked_fill(frequency > dense, float("-inf"))
-    values, top = difference.topk(min(top_k, int((frequency <= dense).sum())))
+    left_out = _index(model, tokenizer, sae, layer)["frequency"].to(organism.device) > dense
+    difference = (organism - base_mean).masked_fill(left_out, float("-inf"))
+    values, top = difference.topk(min(top_k, int((~left_out).sum())))
     labels = _labels(model, tokenizer, sae, layer, top.tolist())
     return ContrastResult({"prompts": prompts, "features": [
         {"feature": f, "difference": v, "organism": float(organism[f]), "base": float(base_mean[f]), "label": labels[f]}
-        for f, v in zip(top.tolist(), values.tolist())], "dense_left_out": int((frequency > dense).sum()),
+        for f, v in zip(top.tolist(), values.tolist())], "dense_left_out": int(left_out.sum()),
         "generations": [{"prompt": p, "organism": o, "base": b} for p, o, b in zip(prompts, said, base_said)]})
 
 
