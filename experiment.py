@@ -211,6 +211,13 @@ def check_inputs(exp: Experiment) -> None:
     """Everything the experiment loads exists, checked before a server or an agent starts: a
     missing organism found later would reach the agent as a traceback naming it."""
     if exp.organism and not organism_rates(exp):
+        import organisms
+
+        measured = organisms.measured_rates(exp.organism, exp.model)
+        missed = measured and organisms.missed_floors(exp.organism, measured)
+        if missed:
+            raise MissingInput(f"{exp.path.name}: its organism was built but misses its floors, so it is not served: "
+                               + "; ".join(missed))
         raise MissingInput(f"{exp.path.name}: its organism is not built yet: run `.venv/bin/python organisms.py build "
                            f"{exp.path}` (a minute or two on a CPU, cached)")
     problem = sae_problem(exp.sae)

@@ -78,6 +78,10 @@ INTERRUPTED_WAIT = 3.0
 # A call queued behind another session's for this long says so in its cell (shorter waits are
 # normal when sessions take turns, and would only add noise).
 QUEUE_NOTICE = 1.0
+# Trained artifacts (the SAE, organisms) are built on this many CPU threads on every machine: the
+# same recipe then gives the same weights bit for bit wherever the CPU's arithmetic is the same
+# (on other thread counts float sums are split otherwise, and 1,500 steps amplify the difference).
+BUILD_THREADS = 2
 
 
 @dataclass(frozen=True)

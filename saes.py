@@ -130,42 +130,45 @@ SEEDS = [
 NAMED = re.compile(r"smol|hugging\s*face", re.IGNORECASE)  # the embedded model's names: kept out of the corpus
 
 
-def folder() -> Path:
+def folder(seed: int = SEED) -> Path:
     """The SAE's folder, named by what it is trained from."""
-    settings = [VERSION, LAYER, EXPANSION, K, STEPS, BATCH, LR, CONTEXT, PARAGRAPHS, ANSWER_TOKENS, HELD_OUT, SEEDS]
+    settings = [VERSION, LAYER, EXPANSION, K, STEPS, BATCH, LR, CONTEXT, PARAGRAPHS, ANSWER_TOKENS, HELD_OUT, SEEDS, seed]
     key = hashlib.sha256(json.dumps([gpu.EMBEDDED_FILE, settings]).encode()).hexdigest()[:12]
     return gpu.cache_root(gpu.ModelSpec()) / "sae" / f"sae-L{LAYER}-{key}"  # never the model's name: agents may see it
 
 
-def built() -> Path | None:
+def built(seed: int = SEED) -> Path | None:
     """The SAE's folder if it is built (quality.json is written last), else None."""
-    path = folder()
+    path = folder(seed)
     return path if (path / "quality.json").is_file() else None
 
 
-def build(log=print) -> Path:
-    """Train the SAE unless it is built; returns its folder."""
-    done = built()
+def build(log=print, seed: int = SEED) -> Path:
+    """Train the SAE unless it is built; returns its folder. Another `seed` gives another build
+    of the same recipe (another split, initialisation and batch order): what a machine whose
+    arithmetic differs could get (bench/sae_seeds.py compares them)."""
+    done = built(seed)
     if done:
         return done
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
+    torch.set_num_threads(gpu.BUILD_THREADS)
     path = gpu.resolve_model_path(gpu.ModelSpec())
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     texts = [tokenizer(led(tokenizer, t), truncation=True, max_length=CONTEXT)["input_ids"] for t in paragraphs()]
     texts += [ids for ids in _answers(hf, tokenizer) if not NAMED.search(tokenizer.decode(ids))]
-    random.Random(SEED).shuffle(texts)
+    random.Random(seed).shuffle(texts)
     held = max(1, int(len(texts) * HELD_OUT))
     hidden, kept = _activations(hf, tokenizer, texts)
     acts = [h[k] for h, k in zip(hidden, kept)]
     log(f"corpus: {len(texts)} texts, {sum(len(a) for a in acts)} tokens ({time.perf_counter() - start:.0f}s)")
-    sae = _train(torch.cat(acts[held:]), hf.config.hidden_size)
+    sae = _train(torch.cat(acts[held:]), hf.config.hidden_size, seed)
     log(f"trained ({time.perf_counter() - start:.0f}s)")
-    target = folder()
+    target = folder(seed)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     sae.save_inference_model(str(tmp))
@@ -246,7 +249,7 @@ def _activations(hf, tokenizer, texts: list[list[int]]) -> tuple[list, list]:
     return found, kept
 
 
-def _train(acts, d_in: int):
+def _train(acts, d_in: int, seed: int, steps: int = STEPS):
     """A BatchTopK SAE trained by sae-lens's SAETrainer on shuffled batches of `acts`."""
     import torch
     from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
@@ -258,17 +261,20 @@ def _train(acts, d_in: int):
                                      metadata=SAEMetadata(hook_name=f"blocks.{LAYER}.hook_resid_post", context_size=CONTEXT,
                                                           prepend_bos=True))
 
+    torch.manual_seed(seed)  # the SAE's initial weights
+    torch.set_num_threads(gpu.BUILD_THREADS)  # build() pins them too; this is for a trainer called alone
+
     def batches():
-        generator = torch.Generator().manual_seed(SEED)
+        generator = torch.Generator().manual_seed(seed)
         while True:
             order = torch.randperm(len(acts), generator=generator)
             for i in range(0, len(order) - BATCH + 1, BATCH):
                 yield acts[order[i:i + BATCH]]
 
     trainer = SAETrainer(SAETrainerConfig(
-        total_training_samples=STEPS * BATCH, train_batch_size_samples=BATCH, lr=LR, lr_end=LR / 10,
-        lr_warm_up_steps=STEPS // 30, lr_decay_steps=STEPS // 5, n_batches_for_norm_estimate=20,
-        dead_feature_window=STEPS // 5, feature_sampling_window=STEPS // 3), BatchTopKTrainingSAE(cfg), batches())
+        total_training_samples=steps * BATCH, train_batch_size_samples=BATCH, lr=LR, lr_end=LR / 10,
+        lr_warm_up_steps=steps // 30, lr_decay_steps=steps // 5, n_batches_for_norm_estimate=20,
+        dead_feature_window=steps // 5, feature_sampling_window=steps // 3), BatchTopKTrainingSAE(cfg), batches())
     with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # its progress bar
         return trainer.fit()
 
@@ -330,8 +336,10 @@ def describe(quality: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="saes.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["build"])
-    parser.parse_args(argv)
-    path = build(log=lambda line: print(f"[sae] {line}", flush=True))
+    parser.add_argument("--seed", type=int, default=SEED, help="another build of the same recipe (default %(default)s: "
+                        "the one the techniques serve)")
+    args = parser.parse_args(argv)
+    path = build(log=lambda line: print(f"[sae] {line}", flush=True), seed=args.seed)
     print(f"{path}\n{describe(json.loads((path / 'quality.json').read_text()))}")
     return 0
 

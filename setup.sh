@@ -6,7 +6,7 @@
 #   PYTHON      the interpreter that creates the venv (default: python3, 3.10+)
 # ./setup.sh --test also installs what the test suite drives besides Python: node 22, the
 # official MCP conformance suite and the Claude Code, Codex and Gemini CLIs (npm, into ./.tools)
-# and Chromium (apt, needs root); and it builds the organism zoo the tests audit (cached).
+# and Chromium (apt, needs root); and it builds the organisms the tests assert on (cached).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
@@ -40,7 +40,8 @@ if [ "${1:-}" = "--test" ]; then
     if ! command -v chromium >/dev/null; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
     fi
-    # The zoo of model organisms (experiments/zoo): trained once beside the model cache, with
-    # their rates measured (about 21–36 minutes on 2 CPU cores the first time, then instant).
-    $PY organisms.py zoo
+    # The organisms the tests assert on (tests/test_organisms.py: BUILT), one per way to plant,
+    # trained once beside the model cache and measured (about 10 minutes on 2 CPU cores the first
+    # time, then instant). `organisms.py zoo` builds the whole zoo (experiments/zoo).
+    $PY organisms.py build experiments/zoo/{preference,false_belief,hidden_instruction,triggered,identity}.yaml
 fi

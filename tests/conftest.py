@@ -55,6 +55,24 @@ def kernel_session(worker_env, tmp_path_factory):
     m.shutdown_all()
 
 
+def rebuilt_twice(code: str, tmp_path: Path) -> list[dict]:
+    """Run a build script twice in fresh processes that stand for two machines: one core and two
+    (torch's default thread count), other hash seeds; `code` saves a dict of tensors to sys.argv[1]."""
+    import subprocess
+
+    import torch
+
+    found = []
+    for threads in (1, 2):
+        path = tmp_path / f"rebuilt-{threads}.pt"
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=600,
+                             cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": str(threads), "OMP_NUM_THREADS": str(threads)})
+        assert out.returncode == 0, out.stderr[-3000:]
+        found.append(torch.load(path))
+    assert found[0].keys() == found[1].keys() and len(found[0]) > 0
+    return found
+
+
 def run_ok(session, code: str) -> str:
     """Execute code in a kernel, fail the test with the cell's output if it errored."""
     result = session.execute(code)

@@ -40,7 +40,8 @@ client.run(top_token, text="The capital of France is")
 
 def server_env() -> dict:
     # The server under test starts its own worker; the test run's shared one must not leak in.
-    return {k: v for k, v in os.environ.items() if not k.startswith("SCRIBE_")}
+    # The cache stays: it is where this run's model, SAE and organisms are (.ci/run uses a fresh one).
+    return {k: v for k, v in os.environ.items() if not k.startswith("SCRIBE_") or k == "SCRIBE_CACHE_DIR"}
 
 
 def scribe(nbdir: Path, *args: str):
