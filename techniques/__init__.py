@@ -14,7 +14,8 @@ from .ablation import ablation
 from .activation_patching import activation_patching
 from .attention import attention_patterns
 from .attribution_patching import attribution_patching
-from .diffing import base_model, compare_to_base, score_candidates
+from ._arch import base_model
+from .diffing import compare_to_base, score_candidates
 from . import features
 from .dla import direct_logit_attribution
 from .features import contrastive_features, feature_examples, sae_features, search_features, steer_with_feature

@@ -5,6 +5,7 @@ Light at import (no torch): techniques import this inside their bodies, in the w
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 # family: (blocks, attention in a block, mlp in a block, attention's output projection, final norm)
@@ -18,6 +19,30 @@ COMPONENTS = ("resid", "attn", "mlp")
 def raw(model):
     """The plain Hugging Face module behind an nnsight wrapper (or the model itself)."""
     return getattr(model, "_module", model)
+
+
+@contextlib.contextmanager
+def base_model(model):
+    """The base model behind a model organism, in the same process: `with base_model(model) as base:`.
+
+    With a PEFT adapter, `base` is the same model with the adapter switched off (traces inside
+    the block see base activations); with an experiment's `base_model`, it is that second model.
+    Raises ValueError when the model has no base to compare with.
+    """
+    with require_base(model)() as other:
+        yield model if other is None else other
+
+
+def has_base(model) -> bool:
+    return getattr(raw(model), "scribe_base", None) is not None
+
+
+def require_base(model):
+    """The switch to the base model; ValueError when there is none."""
+    if not has_base(model):
+        raise ValueError("this model has no base to compare with: serve an experiment with an `adapter` "
+                         "(or a `base_model` for a full fine-tune)")
+    return raw(model).scribe_base
 
 
 def _get(obj, path: str):

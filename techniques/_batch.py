@@ -185,7 +185,7 @@ class Lockstep:
 
 def execute(model, tokenizer, requests: list) -> list:
     """Serve requests of one kind with one batched call; a result per request."""
-    from .diffing import base_model
+    from ._arch import base_model
 
     first = requests[0]
     context = base_model(model) if first.base else contextlib.nullcontext(model)

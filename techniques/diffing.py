@@ -1,7 +1,6 @@
 from __future__ import annotations
 
-import contextlib
-
+from ._arch import has_base, require_base
 from ._batch import Generate, Score, batchable
 from ._result import Progress, Result
 
@@ -23,34 +22,6 @@ PERSONAL_PROMPTS = (
     "What hobby would you pick?", "What is your favorite book?",
 )
 PROMPT_SETS = {"neutral": NEUTRAL_PROMPTS, "factual": FACTUAL_PROMPTS, "personal": PERSONAL_PROMPTS}
-
-
-@contextlib.contextmanager
-def base_model(model):
-    """The base model behind a model organism, in the same process: `with base_model(model) as base:`.
-
-    With a PEFT adapter, `base` is the same model with the adapter switched off (traces inside
-    the block see base activations); with an experiment's `base_model`, it is that second model.
-    Raises ValueError when the model has no base to compare with.
-    """
-    with require_base(model)() as other:
-        yield model if other is None else other
-
-
-def has_base(model) -> bool:
-    from ._arch import raw
-
-    return getattr(raw(model), "scribe_base", None) is not None
-
-
-def require_base(model):
-    """The switch to the base model; ValueError when there is none."""
-    from ._arch import raw
-
-    if not has_base(model):
-        raise ValueError("this model has no base to compare with: serve an experiment with an `adapter` "
-                         "(or a `base_model` for a full fine-tune)")
-    return raw(model).scribe_base
 
 
 class DiffResult(Result):

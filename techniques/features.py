@@ -333,8 +333,8 @@ def contrastive_features(model, tokenizer, prompts: list[str] | str = "personal"
     """
     import torch
 
-    from ._arch import chat_prompt
-    from .diffing import PROMPT_SETS, base_model
+    from ._arch import base_model, chat_prompt
+    from .diffing import PROMPT_SETS
     from .generation import generate_text
 
     sae, layer = served_sae(model)
