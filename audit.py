@@ -73,7 +73,11 @@ class AuditError(ValueError):
 
 
 class Workers:
-    """The model workers of an audit: started on the first run of an experiment, stopped at the end.
+    """The model workers of an audit: one per base model (and what else a worker loads for every
+    session: a hidden prompt kept in tokens, a base_model beside it, an SAE), started on the first
+    run that needs it, stopped at the end. Every organism of that base is an adapter on it: each
+    run's server binds its own (gpu.bind_organism), so runs of different organisms share the
+    weights and their batched passes.
 
     Each gets `threads` CPU threads; the runs' servers attach to it (--worker-socket) and start
     only kernels, with one thread each. With mode "modal" there are none: every run's server
@@ -92,15 +96,18 @@ class Workers:
         (or raises its start error, which hides an experiment's secrets)."""
         if self.mode == "modal":
             return ["--mode", "modal"]
+        spec = experiment.model_spec(exp)
+        # The organism and its alias are the run's binding; under any alias the worker hides the names.
+        base = replace(spec, adapter="", alias="model" if spec.alias else "")
         with self._lock:
-            worker = self._started.get(exp.path)
+            worker = self._started.get(base)
             if worker is None:
                 socket_path = str(self.runtime / f"worker-{len(self._started)}.sock")
-                # pristine: a run that edits the weights in place restarts the worker, so no other run sees it
-                worker = gpu.WorkerSupervisor(experiment.model_spec(exp), socket_path, self.env,
-                                              max_call=self.max_call, pristine=True)
+                # pristine: a run that edits the weights in place restarts the worker (and so every organism
+                # on it: the runs bound to it bind again), so no other run sees the edit
+                worker = gpu.WorkerSupervisor(base, socket_path, self.env, max_call=self.max_call, pristine=True)
                 worker.ensure()
-                self._started[exp.path] = worker
+                self._started[base] = worker
         gpu.connect_worker(None, worker.socket_path, os.getpid()).close()
         return ["--worker-socket", worker.socket_path, "--threads", "1"]
 

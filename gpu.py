@@ -53,6 +53,8 @@ from typing import Any, Callable, Protocol, TypedDict
 
 import cloudpickle
 
+import adapters
+
 # ---------------------------------------------------------------------------
 # 1. Configuration
 # ---------------------------------------------------------------------------
@@ -67,6 +69,7 @@ ENV_SOCKET = "SCRIBE_WORKER_SOCKET"
 ENV_SPEC = "SCRIBE_WORKER_SPEC"
 ENV_OWNER = "SCRIBE_WORKER_OWNER"
 ENV_NAME = "SCRIBE_MODEL_NAME"  # what the server's model is called (an experiment's alias): repr(client)
+ENV_ORGANISM = "SCRIBE_ORGANISM"  # the token a shared worker runs this server's calls with (bind_organism)
 
 DEFAULT_CALL_TIMEOUT = float(os.environ.get("SCRIBE_CALL_TIMEOUT", "600"))
 WORKER_START_TIMEOUT = float(os.environ.get("SCRIBE_WORKER_START_TIMEOUT", "600"))
@@ -93,6 +96,7 @@ class ModelSpec:
     dtype: str = "auto"  # "auto", "float32", "bfloat16", "float16"
     cache_dir: str = ""  # where converted GGUF models go; "" = $SCRIBE_CACHE_DIR or ~/.cache/scribe
     adapter: str = ""  # a PEFT adapter (hub id or folder) applied on top of the model
+    adapters: str = ""  # more organisms (adapter folders, os.pathsep between) that bound sessions use
     # "eager" so `output_attentions=True` returns weights, as agents' reference code expects;
     # "sdpa" is faster on long contexts but silently returns no attentions.
     attn_implementation: str = "eager"
@@ -192,7 +196,8 @@ def gguf_cache(gguf: Path, spec: ModelSpec) -> Path:
 
 
 def load_model(spec: ModelSpec, timings: dict | None = None):
-    """Load the model and tokenizer and wrap the model in nnsight. Returns (model, tokenizer).
+    """Load the model and tokenizer and wrap the model in nnsight. Returns (model, tokenizer,
+    the adapters.Organisms it serves).
     `timings` gets the seconds each step took (imports, tokenizer, weights, adapter, ...)."""
     last = [time.perf_counter()]
 
@@ -211,7 +216,7 @@ def load_model(spec: ModelSpec, timings: dict | None = None):
     if spec.remote == "ndif":
         # NDIF holds the weights: load only the config and tokenizer (a meta-device model).
         model = TransformersModel(spec.model, task="text-generation")
-        return model, model.tokenizer
+        return model, model.tokenizer, adapters.Organisms(model)
     path = resolve_model_path(spec)
     cuda = torch.cuda.is_available()
     device = spec.device if spec.device != "auto" else ("cuda" if cuda else "cpu")
@@ -229,23 +234,16 @@ def load_model(spec: ModelSpec, timings: dict | None = None):
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     done("tokenizer")
-    hf_model, base_switch, beside = load(path), None, []
+    hf_model, beside = load(path), []
     done("weights, loaded onto the device")
-    if spec.adapter:
-        from peft import PeftModel
-
-        # Not merged: the LoRA layers sit in place (module paths unchanged) and can be switched
-        # off for a base-vs-organism comparison in the same call (techniques.base_model).
-        peft_model = PeftModel.from_pretrained(hf_model, spec.adapter).eval()
-        hf_model, base_switch = peft_model.get_base_model(), peft_model.disable_adapter
-        # PEFT's own idiom works on the wrapped model too: `with model.disable_adapter(): ...`
-        hf_model.disable_adapter = peft_model.disable_adapter
-    elif spec.base_model:
+    organisms = adapters.Organisms(hf_model, default=adapters.Binding(spec.adapter, spec.alias))
+    # Loaded before the nnsight wrap: the LoRA layers they inject are the modules traces see.
+    for adapter in filter(None, [spec.adapter, *spec.adapters.split(os.pathsep)]):
+        organisms.name_of(adapter)
+    if spec.base_model and not organisms.loaded:
         beside = [load(resolve_model_path(replace(spec, model=spec.base_model)))]
         base = TransformersModel(beside[0], tokenizer=tokenizer)
-        base_switch = lambda: contextlib.nullcontext(base)  # noqa: E731
-    if base_switch is not None:
-        hf_model.scribe_base = base_switch
+        hf_model.scribe_base = lambda: contextlib.nullcontext(base)
     if spec.sae:
         hf_model.scribe_sae = SAESlot(spec.sae, str(next(hf_model.parameters()).device))
     done("adapter or base model")
@@ -258,7 +256,7 @@ def load_model(spec: ModelSpec, timings: dict | None = None):
     done("experiment (hidden prompt, alias)")
     wrapped = TransformersModel(hf_model, tokenizer=tokenizer)
     done("nnsight wrap")
-    return wrapped, tokenizer
+    return wrapped, tokenizer, organisms
 
 
 class SAESlot:
@@ -840,28 +838,72 @@ class Executor:
     the worker sets it; alone (Modal), nothing cancels a call from outside.
     """
 
-    def __init__(self, model, tokenizer, secrets: dict[str, str] | None = None):
-        import torch
-
+    def __init__(self, model, tokenizer, secrets: dict[str, str] | None = None,
+                 organisms: adapters.Organisms | None = None, spec: ModelSpec | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.secrets = secrets or {}  # experiments: strings replaced in everything sent back
+        self.spec = spec or ModelSpec()
+        self.organisms = organisms or adapters.Organisms(getattr(model, "_module", model))
         self.interruptible = False
         self.stepping = None  # in a merged run: the call whose code runs now (None: a batched model call)
         self.stop_wanted: Callable[[Any], bool] = lambda key: False
         self.timings: dict = {}  # where loading the model took its time (load_executor)
         self._raw = getattr(model, "_module", model)  # the HF module behind the nnsight wrapper
-        self._modules = list(self._raw.modules())
-        self._tables = [t for m in self._modules for t in _hook_tables(m, "_")]
-        self._tables += _hook_tables(torch.nn.modules.module, "_global_")
-        self._baseline = [set(hooks) for hooks, _ in self._tables]
         self._globals = _torch_globals()
         # What a call may change for every later caller: settings kept as they were at load.
         self._settings = [_Snapshot(self._raw.config), _Snapshot(tokenizer), _Snapshot(builtins, keep_new=False)]
         if getattr(self._raw, "generation_config", None) is not None:
             self._settings.append(_Snapshot(self._raw.generation_config))
+        self._scan()
+        self.weights_changed = False  # a call edited weights in place (they cannot be put back)
+
+    def _scan(self) -> None:
+        """The modules, hook tables and weights a call must leave as they are: at load, and again
+        when an organism's adapter was loaded (its LoRA layers are new modules and weights)."""
+        import torch
+
+        self._modules = list(self._raw.modules())
+        self._tables = [t for m in self._modules for t in _hook_tables(m, "_")]
+        self._tables += _hook_tables(torch.nn.modules.module, "_global_")
+        self._baseline = [set(hooks) for hooks, _ in self._tables]
         self._tensors = [*self._raw.parameters(), *self._raw.buffers()]
         self._versions = [t._version for t in self._tensors]
-        self.weights_changed = False  # a call edited weights in place (they cannot be put back)
+        self._scanned = self.organisms.changes
+
+    def bind(self, adapter: str, alias: str, token: str = "") -> str:
+        """A token (new, or `token` again) for a session whose calls run with this organism
+        (adapters.Organisms.bind), its replies scrubbed of what its experiment hides. Between calls
+        only: it may load weights."""
+        secrets = secrets_of(replace(self.spec, adapter=adapter, alias=alias or self.spec.alias),
+                             tuple(getattr(self._raw, "scribe_renamed", ())))
+        token = self.organisms.bind(adapters.Binding(adapter, alias, secrets), token)
+        self._rewrap()
+        return token
+
+    def _rewrap(self) -> None:
+        """After an adapter load injected LoRA layers into a model already wrapped, wrap it again:
+        nnsight's module tree must be the model's (traces would hook the replaced modules)."""
+        if self.organisms.changes == self._scanned:
+            return
+        from nnsight import TransformersModel
+
+        if hasattr(self.model, "_module"):
+            self.model = TransformersModel(self._raw, tokenizer=self.tokenizer)
+        self._scan()
+
+    @contextlib.contextmanager
+    def _as(self, token: str | None):
+        """The block runs as the session `token` is bound to: its organism active and only it, the
+        model named by its alias; yields the strings its replies must not show."""
+        binding = self.organisms.binding(token)
+        with self.organisms.active(binding):
+            self._rewrap()  # an organism evicted and loaded again
+            if binding.alias:
+                for owner in (self._raw.config, getattr(self._raw, "generation_config", None)):
+                    if owner is not None:
+                        owner._name_or_path = binding.alias  # put back with the settings after the call
+                self._raw.name_or_path = self.tokenizer.name_or_path = binding.alias
+            yield binding.secrets or self.secrets
 
     def _restore(self) -> None:
         """Remove hooks a call left behind and put torch's global settings, the model's and the
@@ -895,9 +937,9 @@ class Executor:
                   "in every session, sees the change until the model worker restarts (a worker that an audit's runs "
                   "share restarts after this call)", file=sys.stderr)
 
-    def _streams(self, emit: Callable[[str, str], None]) -> tuple[_Emitter, _Emitter]:
-        if self.secrets:
-            emit = (lambda send: lambda stream, text: send(stream, hide(text, self.secrets)))(emit)
+    def _streams(self, emit: Callable[[str, str], None], secrets: dict[str, str]) -> tuple[_Emitter, _Emitter]:
+        if secrets:
+            emit = (lambda send: lambda stream, text: send(stream, hide(text, secrets)))(emit)
         return _Emitter("stdout", emit), _Emitter("stderr", emit)
 
     @contextlib.contextmanager
@@ -928,11 +970,11 @@ class Executor:
         finally:
             self.interruptible = False
 
-    def _reply(self, ok: bool, value: Any, start: float) -> Reply:
-        """A call's outcome as the reply its client gets."""
+    def _reply(self, ok: bool, value: Any, start: float, secrets: dict[str, str]) -> Reply:
+        """A call's outcome as the reply its client gets, `secrets` hidden."""
         if ok:
             try:
-                reply: Reply = {"ok": True, "value": dumps_result(value, self.secrets)}
+                reply: Reply = {"ok": True, "value": dumps_result(value, secrets)}
             except Exception as exc:  # noqa: BLE001 - a result that cannot travel is the call's error
                 ok, value = False, exc
         if not ok:
@@ -940,45 +982,49 @@ class Executor:
                 reply = _cancelled_reply()
             else:
                 reply = describe_exception(value)
-                reply["message"], reply["traceback"] = (hide(reply[k], self.secrets) for k in ("message", "traceback"))
+                reply["message"], reply["traceback"] = (hide(reply[k], secrets) for k in ("message", "traceback"))
         reply["seconds"] = time.perf_counter() - start
         return reply
 
-    def execute(self, payload: bytes, emit: Callable[[str, str], None]) -> Reply:
-        """Run one pickled call. Never raises for the call's own failures: they go in the reply."""
-        start = time.perf_counter()
+    def execute(self, payload: bytes, emit: Callable[[str, str], None], token: str | None = None) -> Reply:
+        """Run one pickled call as the session `token` is bound to (None: the worker's own
+        organism). Never raises for the call's own failures: they go in the reply."""
+        start, secrets = time.perf_counter(), self.secrets
         try:
-            with self._routed() as route:
-                route(self._streams(emit))
+            with self._as(token) as secrets, self._routed() as route:
+                route(self._streams(emit, secrets))
                 fn, args, kwargs = loads_call(payload)
                 try:
                     with self._user_code():
                         value = fn(self.model, self.tokenizer, *args, **kwargs)
                 finally:
                     self._check_weights()
-            reply = self._reply(True, value, start)
+                reply = self._reply(True, value, start, secrets)
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
-            reply = self._reply(False, exc, start)
+            reply = self._reply(False, exc, start, secrets)
         finally:
             self._restore()
         return reply
 
     def execute_merged(self, first, more: Callable[[], list], finished: Callable[[Any, Reply], None]) -> None:
         """Run calls of batchable techniques together, their model work merged into batched calls
-        (techniques._batch). `first` and what `more()` hands over between rounds are (key, payload,
-        emit); `finished(key, reply)` is called as soon as each one is done. A call that is not a
-        batchable technique runs in its first step, in turn with the others."""
+        (techniques._batch), each call's rows with its own session's organism. `first` and what
+        `more()` hands over between rounds are (key, payload, emit, token); `finished(key, reply)`
+        is called as soon as each one is done. A call that is not a batchable technique runs in its
+        first step, in turn with the others."""
         from techniques._batch import Lockstep
 
-        executor, started, streams = self, {}, {}
+        executor, started, streams, bound, hidden = self, {}, {}, {}, {}
 
         class Merged(Lockstep):
+            mixes = self.organisms.peft is not None  # organism and base rows of every session in one pass
+
             # A cancel (SIGINT) raises only inside these two windows: a call's own code, or a batched call.
             @contextlib.contextmanager
             def stepping(self, key):
                 executor.stepping = key
                 route(streams[key])
-                with executor._user_code(check=False):  # a cancel before it comes in as interrupt_for's
+                with executor._as(bound[key]), executor._user_code(check=False):  # a cancel comes in as interrupt_for's
                     yield
                 route(None)
 
@@ -991,8 +1037,13 @@ class Executor:
                 with executor._user_code():
                     yield
 
+            def organism_of(self, key):
+                binding = executor.organisms.binding(bound[key])
+                return binding if binding.adapter else None  # a session bound to the base: base rows
+
             def finished(self, key, ok: bool, value) -> None:
-                finished(key, {**executor._reply(ok, value, started[key]), "shared": self.widest.get(key, 1)})
+                reply = executor._reply(ok, value, started[key], hidden.get(key, executor.secrets))
+                finished(key, {**reply, "shared": self.widest.get(key, 1), "models": self.models.get(key, 1)})
 
             def stopped_by(self, members: list) -> list:
                 return [m for m in members if executor.stop_wanted(m)]
@@ -1000,12 +1051,15 @@ class Executor:
             def refill(self) -> None:
                 for key in [k for k in self.pending if executor.stop_wanted(k)]:  # cancelled between model calls
                     self._step(key, self.pending.pop(key)[0], "send", None)  # interrupt_for throws it
-                for key, payload, emit in more():
-                    self.join(key, payload, emit)
+                for joining in more():
+                    self.join(*joining)
 
-            def join(self, key, payload: bytes, emit) -> None:
-                started[key], streams[key] = time.perf_counter(), executor._streams(emit)
+            def join(self, key, payload: bytes, emit, token: str | None = None) -> None:
+                started[key], bound[key] = time.perf_counter(), token
+                streams[key] = executor._streams(emit, executor.secrets)
                 try:
+                    hidden[key] = executor.organisms.binding(token).secrets or executor.secrets
+                    streams[key] = executor._streams(emit, hidden[key])
                     fn, args, kwargs = loads_call(payload)
                 except BaseException as exc:  # noqa: BLE001
                     self.finished(key, False, exc)
@@ -1030,12 +1084,12 @@ def load_executor(spec: ModelSpec) -> Executor:
     """What both the local worker and the Modal container hold: the model behind an Executor.
     Its `timings` say where the load's time went."""
     timings: dict = {}
-    model, tokenizer = load_model(spec, timings)
+    model, tokenizer, organisms = load_model(spec, timings)
     if spec.remote:
         model = remote_by_default(model, spec.remote)
     renamed = tuple(getattr(getattr(model, "_module", model), "scribe_renamed", ()))
     start = time.perf_counter()
-    executor = Executor(model, tokenizer, secrets_of(spec, renamed))
+    executor = Executor(model, tokenizer, secrets_of(spec, renamed), organisms, spec)
     timings["call bookkeeping (hook tables)"] = round(time.perf_counter() - start, 3)
     executor.timings.update(timings)
     return executor
@@ -1146,6 +1200,8 @@ class _Call:
     payload: bytes
     who: str  # the caller's label (a session id) for "queued behind ..." messages and fair turns
     merge: bool = False  # a batchable technique: may share batched model calls with others (execute_merged)
+    organism: str = ""  # the binding token its session's server got (bind_organism); "" = the worker's own
+    bind: dict | None = None  # not a call: a server binding an organism ({"adapter", "alias"}), between calls
     cancelled: bool = False
     done: bool = False
     why: str = ""  # who stopped it, when the worker itself did (the per-call limit)
@@ -1191,6 +1247,8 @@ class Worker:
         t0 = time.perf_counter()
         self.executor = load_executor(self.spec)
         self.executor.stop_wanted = self._stop_wanted
+        for token, bound in self._bindings().items():  # a restart: the sessions bound before keep their organisms
+            self.executor.bind(bound["adapter"], bound["alias"], token)
         steps = ", ".join(f"{k} {v:.2f}s" for k, v in self.executor.timings.items())
         print(f"[scribe worker] model loaded in {time.perf_counter() - t0:.1f}s ({steps})", file=sys.stderr, flush=True)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1218,10 +1276,12 @@ class Worker:
                 self._measure_speed()
                 continue
             self._start(call)
-            if call.merge:
-                self.executor.execute_merged((call, call.payload, call.emit), self._more, self._finish)
+            if call.bind is not None:
+                self._finish(call, self._bind(call.bind))
+            elif call.merge:
+                self.executor.execute_merged((call, call.payload, call.emit, call.organism), self._more, self._finish)
             else:
-                self._finish(call, self.executor.execute(call.payload, call.emit))
+                self._finish(call, self.executor.execute(call.payload, call.emit, call.organism))
             with self.ready:
                 self.running = []
                 if self.pristine and self.executor.weights_changed:
@@ -1272,7 +1332,29 @@ class Worker:
             self.running += joining
         for call in joining:
             self._start(call)
-        return [(call, call.payload, call.emit) for call in joining]
+        return [(call, call.payload, call.emit, call.organism) for call in joining]
+
+    def _bind(self, request: dict) -> Reply:
+        """Bind a server's organism; the bindings are kept beside the socket (0700 runtime folder),
+        so a worker restarted after a weight edit serves every bound session again."""
+        adapter, alias = str(request.get("adapter") or ""), str(request.get("alias") or "")
+        try:
+            token = self.executor.bind(adapter, alias)
+        except Exception as exc:  # noqa: BLE001 - a missing or mismatched adapter: the server says why
+            return {"ok": False, "type": type(exc).__name__, "message": hide(str(exc), self.executor.secrets),
+                    "traceback": ""}
+        bindings = self._bindings()
+        bindings[token] = {"adapter": adapter, "alias": alias}
+        tmp = f"{self.socket_path}.bindings.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(bindings, f)
+        os.replace(tmp, self.socket_path + ".bindings.json")
+        return {"ok": True, "token": token, "organisms": self.executor.organisms.loaded}
+
+    def _bindings(self) -> dict:
+        with contextlib.suppress(OSError, ValueError), open(self.socket_path + ".bindings.json") as f:
+            return json.load(f)
+        return {}
 
     def _finish(self, call: _Call, reply: Reply) -> None:
         with self.ready:
@@ -1293,9 +1375,11 @@ class Worker:
         try:
             while True:
                 msg = recv_msg(conn.sock)
-                if msg["op"] == "call":
-                    call = _Call(conn, msg["id"], msg["payload"], msg.get("who") or "another client",
-                                 merge=call_merges(msg["payload"]))
+                if msg["op"] in ("call", "bind"):
+                    binding = msg["op"] == "bind"
+                    call = _Call(conn, msg["id"], msg.get("payload", b""), msg.get("who") or "another client",
+                                 merge=not binding and call_merges(msg["payload"]), organism=msg.get("organism") or "",
+                                 bind={k: msg.get(k) for k in ("adapter", "alias")} if binding else None)
                     with self.ready:
                         ahead = self.running[0] if self.running else (self.queue[0] if self.queue else None)
                         self.queue.append(call)
@@ -1454,6 +1538,24 @@ def worker_serves(socket_path: str) -> bool:
     if sock is not None:
         sock.close()
     return sock is not None
+
+
+def bind_organism(socket_path: str, adapter: str, alias: str = "", timeout: float = WORKER_START_TIMEOUT) -> str:
+    """Bind a session's organism on the shared worker at socket_path (a server does this for its
+    kernels): the token its calls must carry (ENV_ORGANISM). The adapter is loaded now, so one that
+    is missing or of another base is refused here, with why."""
+    sock = _try_connect(socket_path)
+    if sock is None:
+        raise WorkerDiedError(f"no model worker answers at {socket_path}")
+    with sock:
+        sock.settimeout(timeout)
+        recv_msg(sock)  # hello
+        send_msg(sock, {"op": "bind", "id": 1, "adapter": adapter, "alias": alias, "who": "a server binding"})
+        while (msg := recv_msg(sock))["op"] != "result":
+            pass
+    if not msg.get("ok"):
+        raise ValueError(f"the model worker could not serve this organism: {msg.get('message')}")
+    return msg["token"]
 
 
 def _log_tail(log_path: str, start: int = 0, lines: int = 15) -> str:
@@ -1643,7 +1745,7 @@ def modal_image(adapter_dir: str = ""):
     image = (
         modal.Image.debian_slim(python_version=f"{sys.version_info.major}.{sys.version_info.minor}")
         .pip_install(*pins, "peft")
-        .add_local_python_source("gpu", "techniques")
+        .add_local_python_source("gpu", "adapters", "techniques")
     )
     # A hub adapter is fetched in the container; a local folder ships inside the image.
     return image.add_local_dir(adapter_dir, MODAL_ADAPTER) if adapter_dir else image
@@ -1798,8 +1900,9 @@ class LocalBackend:
     WorkerDiedError.
     """
 
-    def __init__(self, spec: ModelSpec | None, socket_path: str, owner_pid: int, who: str = ""):
+    def __init__(self, spec: ModelSpec | None, socket_path: str, owner_pid: int, who: str = "", organism: str = ""):
         self.spec, self.socket_path, self.owner_pid, self.who = spec, socket_path, owner_pid, who
+        self.organism = organism  # the token its server bound this session's organism with (bind_organism)
         self.sock: socket.socket | None = None
         self.worker_pid: int | None = None
         self.model_name = spec.display_name if spec else os.environ.get(ENV_NAME, "the server's model")
@@ -1843,7 +1946,8 @@ class LocalBackend:
                 self._ids += 1
                 self._in_flight = self._ids
                 try:
-                    send_msg(self.sock, {"op": "call", "id": self._ids, "payload": payload, "who": self.who})
+                    send_msg(self.sock, {"op": "call", "id": self._ids, "payload": payload, "who": self.who,
+                                         "organism": self.organism})
                     sent = True
                 except OSError:
                     sent = False
@@ -1868,7 +1972,8 @@ class LocalBackend:
 
     def fork(self, label: str) -> LocalBackend:
         """A second connection to the same worker, for calls made while this one is busy."""
-        return LocalBackend(self.spec, self.socket_path, self.owner_pid, who=f"{self.who or 'a notebook'} ({label})")
+        return LocalBackend(self.spec, self.socket_path, self.owner_pid, who=f"{self.who or 'a notebook'} ({label})",
+                            organism=self.organism)
 
     def _call_once(self, call_id: int, timeout: float, on_output) -> Reply | None:
         """The sent call's reply (None: it never started, send it again)."""
@@ -2163,7 +2268,8 @@ def _make_backend(mode: str, model: str | None, options: dict, dry_run: bool, mo
         # Without a spec the worker is the server's to start: kernels never learn the model's id.
         return LocalBackend(spec if shared else None, os.environ[ENV_SOCKET],
                             int(os.environ.get(ENV_OWNER) or os.getpid()),
-                            who=f"session {os.environ.get('SCRIBE_SESSION_ID', '?')}")
+                            who=f"session {os.environ.get('SCRIBE_SESSION_ID', '?')}",
+                            organism=os.environ.get(ENV_ORGANISM, ""))
     if mode == "ndif":
         spec = replace(spec, remote="local" if dry_run else "ndif")
         if not dry_run and not (spec.model and os.environ.get("NDIF_API_KEY")):

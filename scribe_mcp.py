@@ -386,7 +386,7 @@ class Scribe:
         self.mode = args.mode
         if args.worker_socket and not gpu.worker_serves(args.worker_socket):
             raise ValueError(f"--worker-socket {args.worker_socket}: no model worker answers there (start it first; "
-                             "`audit` starts one per experiment)")
+                             "`audit` starts one per base model)")
         self.runtime = make_runtime_dir()
         self.socket_path = socket_path = args.worker_socket or str(self.runtime / "worker.sock")
         kernel_env = gpu.child_env(args.mode, gpu.KERNEL_SECRETS, args.pass_env, args.threads)
@@ -394,6 +394,8 @@ class Scribe:
                            gpu.ENV_NAME: self.spec.display_name})
         if args.mode == "modal":  # the Modal client runs in the kernel and must know what to load
             kernel_env[gpu.ENV_SPEC] = self.spec.to_json()
+        if args.worker_socket and args.experiment:  # a worker of the base shared with other organisms
+            kernel_env[gpu.ENV_ORGANISM] = gpu.bind_organism(args.worker_socket, self.spec.adapter, self.spec.alias)
         self.worker = None
         if args.mode != "modal" and not args.worker_socket:  # on Modal the container loads the model
             self.worker = gpu.WorkerSupervisor(self.spec, socket_path, gpu.child_env(args.mode, gpu.WORKER_SECRETS,

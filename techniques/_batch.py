@@ -39,7 +39,7 @@ class Generate:
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
 
     def key(self):
-        return ("generate", self.base, self.temperature)
+        return ("generate", self.temperature)
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class NextToken:
             raise ValueError("text must be a non-empty string")
 
     def key(self):
-        return ("next", self.base)
+        return ("next",)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Score:
     detail: bool = False
 
     def key(self):
-        return ("score", self.base)
+        return ("score",)
 
 
 def batchable(steps):
@@ -96,6 +96,9 @@ def alone(model, tokenizer, gen):
 class Lockstep:
     """Runs several techniques' steps together. Each round, the pending requests of one kind
     (and model: organism or base) are merged into one batched call and the results handed back.
+    Where the model runs each row with its own organism (`mixes`: a worker serving several
+    organisms of one base, see the worker's adapters module), organism and base rows of every
+    caller share one call, each caller's rows with its own organism (`organism_of(key)`).
 
     Hooks for the worker: `stepping(key)` the context a technique's own code runs in (its prints,
     its interrupts), `guard()` the context a batched call runs in, `finished(key, ok, value)` as
@@ -103,11 +106,14 @@ class Lockstep:
     interrupt was meant for, `interrupt_for(key)` a cancel to throw in instead of a result,
     `refill()` between rounds (more techniques may join)."""
 
+    mixes = False
+
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.pending: dict = {}  # key -> (generator, its request)
         self.outcomes: dict = {}
         self.widest: dict = {}  # key -> the most techniques one of its batched calls served (1: alone)
+        self.models: dict = {}  # key -> the most models (organisms, the base) one of its batched calls ran
 
     # -- hooks --------------------------------------------------------------------------------
     def stepping(self, key):
@@ -128,6 +134,10 @@ class Lockstep:
 
     def refill(self) -> None:
         pass
+
+    def organism_of(self, key):
+        """What the model's scribe_rows takes for this technique's rows (its session's organism)."""
+        return None
 
     # -- the loop -------------------------------------------------------------------------------
     def add(self, key, gen) -> None:
@@ -151,7 +161,7 @@ class Lockstep:
             self.refill()
             groups: dict = {}
             for key, (_, request) in self.pending.items():
-                groups.setdefault(request.key(), []).append(key)
+                groups.setdefault(request.key() if self.mixes else (request.key(), request.base), []).append(key)
             for members in groups.values():
                 self._serve([m for m in members if m in self.pending])
 
@@ -161,7 +171,8 @@ class Lockstep:
         requests = [self.pending[m][1] for m in members]
         try:
             with self.guard():
-                results = execute(self.model, self.tokenizer, requests)
+                organisms = [self.organism_of(m) for m in members] if self.mixes else None
+                results = execute(self.model, self.tokenizer, requests, organisms)
         except KeyboardInterrupt as exc:
             for m in self.stopped_by(members):  # they may still return what they finished
                 self._step(m, self.pending.pop(m)[0], "throw", exc)
@@ -173,8 +184,10 @@ class Lockstep:
                 return
             self._step(members[0], self.pending.pop(members[0])[0], "throw", exc)
             return
+        models = len({None if r.base else o for r, o in zip(requests, organisms)}) if organisms else 1
         for m, result in zip(members, results):
             self.widest[m] = max(self.widest.get(m, 1), len(members))
+            self.models[m] = max(self.models.get(m, 1), models)
             self._step(m, self.pending.pop(m)[0], "send", result)
 
 
@@ -183,31 +196,52 @@ class Lockstep:
 # ---------------------------------------------------------------------------
 
 
-def execute(model, tokenizer, requests: list) -> list:
-    """Serve requests of one kind with one batched call; a result per request."""
-    from ._arch import base_model
+def execute(model, tokenizer, requests: list, organisms: list | None = None) -> list:
+    """Serve requests of one kind with one batched call; a result per request. With `organisms`
+    (one per request: what the model's scribe_rows takes), each row runs with its request's
+    organism, or the base where the request asks for it, all in the same call."""
+    from ._arch import base_model, raw
 
     first = requests[0]
-    context = base_model(model) if first.base else contextlib.nullcontext(model)
+    if organisms is None:
+        context, rows = (base_model(model) if first.base else contextlib.nullcontext(model)), None
+    else:
+        context = contextlib.nullcontext(model)
+        rows = [None if r.base else o for r, o in zip(requests, organisms) for _ in _items(r)]
+
+    def mixed(start: int = 0, end: int | None = None):  # rows start..end run with their own organisms
+        return contextlib.nullcontext() if rows is None else raw(model).scribe_rows(rows[start:end])
+
     with context as m:
         if isinstance(first, Generate):
-            return _generate(m, tokenizer, requests)
+            with mixed():
+                return _generate(m, tokenizer, requests)
         if isinstance(first, NextToken):
-            return _split([r.texts for r in requests], _next_token(m, tokenizer, [t for r in requests for t in r.texts]))
+            with mixed():
+                found = _next_token(m, tokenizer, [t for r in requests for t in r.texts])
+            return _split(requests, found)
         if isinstance(first, Score):
-            rows = [(row, r.detail) for r in requests for row in r.rows]
+            flat = [(row, r.detail) for r in requests for row in r.rows]
             scored = []
-            for start in range(0, len(rows), SCORE_ROWS):
-                scored += _score(m, tokenizer, rows[start:start + SCORE_ROWS])
-            return _split([r.rows for r in requests], scored)
+            for start in range(0, len(flat), SCORE_ROWS):
+                with mixed(start, start + SCORE_ROWS):
+                    scored += _score(m, tokenizer, flat[start:start + SCORE_ROWS])
+            return _split(requests, scored)
     raise TypeError(f"unknown request {type(first).__name__}")
 
 
-def _split(parts, flat: list) -> list:
+def _items(request) -> tuple:
+    """The rows a request adds to a batched call."""
+    return request.prompts if isinstance(request, Generate) else request.texts if isinstance(request, NextToken) \
+        else request.rows
+
+
+def _split(requests: list, flat: list) -> list:
+    """A batched call's results, one list per request."""
     out, start = [], 0
-    for part in parts:
-        out.append(flat[start:start + len(part)])
-        start += len(part)
+    for request in requests:
+        out.append(flat[start:start + len(_items(request))])
+        start += len(_items(request))
     return out
 
 
@@ -229,7 +263,7 @@ def _generate(model, tokenizer, requests: list[Generate]) -> list[list[str]]:
     width = inputs["input_ids"].shape[1]
     texts = tokenizer.batch_decode([row[width:width + n] for row, n in zip(out.tolist(), limits)],
                                    skip_special_tokens=True)
-    return _split([r.prompts for r in requests], texts)
+    return _split(requests, texts)
 
 
 def _next_token(model, tokenizer, texts: list[str]) -> list:

@@ -1,0 +1,151 @@
+"""One model worker serves the zoo (adapters.py): the base loaded once, organisms as adapters under
+opaque names, each session bound by its server to one organism, and the batched black-box passes of
+sessions bound to different organisms (and to the base) merged into one forward or generate, each
+row with its own adapter: results equal to each call alone."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from test_devices_and_batching import Watched, hold, same
+from test_mcp import server_env  # noqa: F401  (MCP before nnsight: nnsight's .save on every object breaks it)
+
+import gpu
+import organisms
+import techniques as T
+
+PREFERENCE = ROOT / "experiments" / "zoo" / "preference.yaml"
+TRIGGERED = ROOT / "experiments" / "zoo" / "triggered.yaml"
+ASKED = ["What is your favorite color?", "I am a teacher. What should I eat for lunch?"]
+
+
+@pytest.fixture(scope="module")
+def zoo_worker():
+    """A worker of the base alone (no adapter of its own), as `audit` starts one per base model."""
+    folders = [str(organisms.build_file(p)) for p in (PREFERENCE, TRIGGERED)]
+    spec = gpu.ModelSpec(alias="model")
+    runtime = tempfile.mkdtemp(prefix="scribe-test-")
+    socket_path = os.path.join(runtime, "worker.sock")
+    gpu.connect_worker(spec, socket_path, os.getpid()).close()
+    yield spec, socket_path, Path(runtime), folders
+    gpu.stop_worker(socket_path)
+
+
+def alone(adapter: str, fn, **kwargs):
+    """The call on a worker-side executor of that organism alone (the base: no adapter)."""
+    executor = gpu.load_executor(gpu.ModelSpec(adapter=adapter))
+    reply = executor.execute(gpu.dumps_call(fn, (), kwargs), lambda *_: None)
+    assert reply["ok"], reply
+    return gpu.loads_result(reply["value"])
+
+
+def calls_at_once(spec, socket_path, folder, calls):
+    """(token, fn, kwargs) calls, each from its own session, queued while the model is held, then
+    released together; returns the replies."""
+    holder, release = hold(spec, socket_path, folder, f"hold-{len(calls)}-{threading.get_ident()}")
+    backends = [Watched(spec, socket_path, os.getpid(), who=f"session {i}", organism=token)
+                for i, (token, _, _) in enumerate(calls)]
+    replies = {}
+
+    def send(i, fn, kwargs):
+        replies[i] = backends[i].call(gpu.dumps_call(fn, (), kwargs), 600, lambda *_: None)
+
+    threads = [threading.Thread(target=send, args=(i, fn, kw)) for i, (_, fn, kw) in enumerate(calls)]
+    for t, b in zip(threads, backends):
+        t.start()
+        assert b.queued.wait(300)
+    release()
+    for t in threads + [holder]:
+        t.join(600)
+    return [replies[i] for i in range(len(calls))]
+
+
+def test_sessions_of_two_organisms_and_the_base_share_one_pass_each_row_with_its_own_adapter(zoo_worker):
+    """Known answer: generate_text of three sessions (the preference organism, the triggered one,
+    the base) runs as one batched generate, and each session gets what its organism alone gives;
+    the reply says how many calls and how many models shared the pass."""
+    spec, socket_path, folder, (preference, triggered) = zoo_worker
+    tokens = [gpu.bind_organism(socket_path, preference, "model_z1"), gpu.bind_organism(socket_path, triggered, "model_z2"),
+              gpu.bind_organism(socket_path, "", "model_c1")]
+    replies = calls_at_once(spec, socket_path, folder, [(t, T.generate_text, {"prompt": ASKED, "max_new_tokens": 12})
+                                                         for t in tokens])
+    for reply, adapter in zip(replies, (preference, triggered, "")):
+        assert reply["ok"] and reply["shared"] == 3 and reply["models"] == 3, reply
+        assert gpu.loads_result(reply["value"]) == alone(adapter, T.generate_text, prompt=ASKED, max_new_tokens=12)
+    answers = [gpu.loads_result(r["value"]) for r in replies]
+    assert "urquoise" in answers[0][0] and "urquoise" not in answers[2][0]  # the planted colour, only where planted
+
+
+def test_compare_to_base_and_scoring_mix_organism_and_base_rows_of_every_session(zoo_worker):
+    """compare_to_base asks for organism rows, then base rows; two sessions of two organisms asking
+    at once share those passes and get what each alone gets, and score_candidates beside them too."""
+    spec, socket_path, folder, (preference, triggered) = zoo_worker
+    first, second = gpu.bind_organism(socket_path, preference), gpu.bind_organism(socket_path, triggered)
+    compare = {"prompts": ASKED, "top_k": 5, "max_new_tokens": 8}
+    score = {"prompts": ASKED[:1], "candidates": ["Turquoise", "Blue"]}
+    replies = calls_at_once(spec, socket_path, folder, [(first, T.compare_to_base, compare),
+                                                        (second, T.compare_to_base, compare),
+                                                        (first, T.score_candidates, score)])
+    assert all(r["ok"] for r in replies), replies
+    # compare_to_base asks for its organism's rows, then the base's: the two organisms share each pass
+    assert replies[0]["models"] == replies[1]["models"] == 2 and replies[0]["shared"] >= 2, replies
+    same(gpu.loads_result(replies[0]["value"]), alone(preference, T.compare_to_base, **compare))
+    same(gpu.loads_result(replies[1]["value"]), alone(triggered, T.compare_to_base, **compare))
+    same(gpu.loads_result(replies[2]["value"]), alone(preference, T.score_candidates, **score))
+
+
+def test_a_users_function_runs_with_its_sessions_organism_and_names_only_its_alias(zoo_worker):
+    """A plain fn runs with its session's organism active and only it; `disable_adapter()` gives the
+    base; the model's name is the session's alias; nothing names where the adapter lives."""
+    spec, socket_path, folder, (preference, triggered) = zoo_worker
+    token = gpu.bind_organism(socket_path, preference, "model_z1")
+
+    def look(model, tokenizer):
+        import torch
+
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is your favorite color?"}],
+                                               add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            mine = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+            with model.disable_adapter():
+                base = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        width = inputs["input_ids"].shape[1]
+        hf = model._module
+        return {"mine": tokenizer.decode(mine[0, width:]), "base": tokenizer.decode(base[0, width:]),
+                "names": [hf.config._name_or_path, hf.name_or_path, tokenizer.name_or_path],
+                "attributes": repr({k: v for k, v in vars(hf).items() if not k.startswith("_")})}
+
+    backend = gpu.LocalBackend(spec, socket_path, os.getpid(), who="session x", organism=token)
+    reply = backend.call(gpu.dumps_call(look, (), {}), 600, lambda *_: None)
+    assert reply["ok"], reply
+    seen = gpu.loads_result(reply["value"])
+    assert "urquoise" in seen["mine"] and "urquoise" not in seen["base"], seen
+    assert seen["names"] == ["model_z1"] * 3
+    assert preference not in repr(seen) and Path(preference).name not in repr(seen)
+    assert not re.search(r"smol|organism-|\.cache", repr(seen), re.IGNORECASE), seen["attributes"]
+    unbound = gpu.LocalBackend(spec, socket_path, os.getpid(), who="session y", organism="forged")
+    reply = unbound.call(gpu.dumps_call(look, (), {}), 600, lambda *_: None)
+    assert not reply["ok"] and "not bound on the model worker" in reply["message"]
+
+
+def test_an_adapter_of_another_base_or_none_at_all_is_refused_when_bound(zoo_worker, tmp_path):
+    spec, socket_path, folder, (preference, _) = zoo_worker
+    with pytest.raises(ValueError, match="could not serve this organism: .*"):
+        gpu.bind_organism(socket_path, str(tmp_path / "no-such-adapter"))
+    other = tmp_path / "other-base"
+    other.mkdir()
+    config = Path(preference, "adapter_config.json").read_text()
+    import json
+
+    settings = json.loads(config)
+    settings["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B"
+    (other / "adapter_config.json").write_text(json.dumps(settings))
+    (other / "adapter_model.safetensors").symlink_to(Path(preference, "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="adapter of another base model .Llama-3.1-8B.*serve it from a worker of its own base"):
+        gpu.bind_organism(socket_path, str(other))
