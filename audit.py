@@ -111,6 +111,14 @@ class Workers:
         gpu.connect_worker(None, worker.socket_path, os.getpid()).close()
         return ["--worker-socket", worker.socket_path, "--threads", "1"]
 
+    @property
+    def served(self) -> str:
+        """What served the runs, for the report."""
+        if self.mode == "modal":
+            return "each run's calls went to Modal"
+        return (f"{len(self._started)} model worker(s), one per base model; every organism of a base was an adapter "
+                "on its worker")
+
     def stop(self) -> None:
         for worker in self._started.values():
             worker.stop(wait=5)
@@ -438,9 +446,9 @@ def markdown(cells: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_reports(rows: list[Row], out: Path) -> list[Path]:
-    """report.md, report.csv and report.png (single-run rate with its standard error, and the
-    pooled verdict) in `out`."""
+def save_reports(rows: list[Row], out: Path, served: str = "") -> list[Path]:
+    """report.md (with `served`: what the runs ran on), report.csv and report.png (single-run rate
+    with its standard error, and the pooled verdict) in `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -448,7 +456,7 @@ def save_reports(rows: list[Row], out: Path) -> list[Path]:
 
     cells = render(rows)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown(cells))
+    (out / "report.md").write_text(markdown(cells) + (f"\nServed by {served}.\n" if served else ""))
     with open(out / "report.csv", "w", newline="") as f:
         csv.writer(f).writerows(cells)
     shown = [r for r in rows if r.rate is not None]
@@ -517,10 +525,10 @@ def main(argv: list[str], model: Model | None = None, judge: Model | None = None
         rows = table(log, exps, failed)
         if log is not None and log.status == "success":
             _pool_all(rows, exps, model, judge)
-        reports = save_reports(rows, out)
+        reports = save_reports(rows, out, workers.served)
     finally:  # the runs are over: the log joins the reports
         shutil.move(str(logs), str(out / "logs"))
-    print(markdown(render(rows)), end="")
+    print(markdown(render(rows)) + f"served by {workers.served}", end="\n")
     folders = ", ".join(f"exp-{i} = {exp.name}" for i, exp in enumerate(exps, 1))
     print(f"\nnotebooks: {out}/exp-K/run-N ({folders})   reports: {', '.join(str(p) for p in reports)}\n"
           f"transcripts: inspect view --log-dir {out / 'logs'}")

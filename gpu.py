@@ -903,7 +903,11 @@ class Executor:
                     if owner is not None:
                         owner._name_or_path = binding.alias  # put back with the settings after the call
                 self._raw.name_or_path = self.tokenizer.name_or_path = binding.alias
-            yield binding.secrets or self.secrets
+            yield self._hidden(token)
+
+    def _hidden(self, token: str | None) -> dict[str, str]:
+        """What replies to the session `token` is bound to must never show."""
+        return self.organisms.binding(token).secrets or self.secrets
 
     def _restore(self) -> None:
         """Remove hooks a call left behind and put torch's global settings, the model's and the
@@ -1017,7 +1021,7 @@ class Executor:
         executor, started, streams, bound, hidden = self, {}, {}, {}, {}
 
         class Merged(Lockstep):
-            mixes = self.organisms.peft is not None  # organism and base rows of every session in one pass
+            mixes = executor.organisms.peft is not None  # organism and base rows of every session in one pass
 
             # A cancel (SIGINT) raises only inside these two windows: a call's own code, or a batched call.
             @contextlib.contextmanager
@@ -1056,9 +1060,8 @@ class Executor:
 
             def join(self, key, payload: bytes, emit, token: str | None = None) -> None:
                 started[key], bound[key] = time.perf_counter(), token
-                streams[key] = executor._streams(emit, executor.secrets)
                 try:
-                    hidden[key] = executor.organisms.binding(token).secrets or executor.secrets
+                    hidden[key] = executor._hidden(token)
                     streams[key] = executor._streams(emit, hidden[key])
                     fn, args, kwargs = loads_call(payload)
                 except BaseException as exc:  # noqa: BLE001
@@ -1926,7 +1929,9 @@ class LocalBackend:
                 time.sleep(0.1 * (attempt + 1))
                 continue
             sock.settimeout(None)
-            self.sock, self.worker_pid, self.model_name = sock, hello["pid"], hello["model"]
+            self.sock, self.worker_pid = sock, hello["pid"]
+            if not self.organism:  # a bound session's model is its binding's (its alias), not the worker's own
+                self.model_name = hello["model"]
             return
         raise WorkerDiedError(f"could not reach the model worker at {self.socket_path}")
 

@@ -1,14 +1,17 @@
-"""K concurrent blind runs of one experiment: aggregate model-call throughput and worker memory.
+"""Concurrent blind runs: aggregate model-call throughput and worker memory.
 
-    .venv/bin/python bench/audit_scale.py            # K = 1, 2, 4, shared worker and one worker per run
+    .venv/bin/python bench/audit_scale.py            # K = 1, 2, 4 runs of one experiment: shared worker, one per run
+    .venv/bin/python bench/audit_scale.py --zoo      # the zoo's nine organisms at once, one run each
     .venv/bin/python bench/audit_scale.py --markdown # the saved results as README's rows
 
-Each run is a Scribe server on the hidden-system-prompt demo, started the way `audit` starts it,
-driven over MCP stdio like an agent: after its setup cell, all K runs at once make the same cell
-of 3 `generate_text` calls (2 prompts x 20 tokens). "shared": `audit`'s way, one worker for the
-experiment (--worker-socket) with the cores, kernels on one thread each. "per run": one server
-with its own worker per run, as separate `agent` launches were. Writes bench/audit_results.json.
-Not a test: nothing here fails on a slow machine.
+Each run is a Scribe server, started the way `audit` starts it, driven over MCP stdio like an
+agent: after its setup cell, all runs at once make the same cell of 3 `generate_text` calls (2
+prompts x 20 tokens). "shared": `audit`'s way, one worker per base model (--worker-socket) with
+the cores, each run's server binding its organism there, kernels on one thread each. "per
+experiment": one worker per experiment file, as `audit` started them before organisms became
+adapters on one base (the cores split between them). "per run": one server with its own worker
+per run, as separate `agent` launches were. Writes bench/audit_results.json (the zoo:
+bench/audit_zoo_results.json). Not a test: nothing here fails on a slow machine.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import audit  # noqa: E402
 import experiment  # noqa: E402
+import gpu  # noqa: E402
 from scribe_mcp import connect  # noqa: E402
 
 HIDDEN = ROOT / "experiments" / "hidden_system_prompt.yaml"
@@ -52,10 +56,10 @@ def worker_rss_mb() -> float:
     return total
 
 
-async def one_run(args: list[str], nbdir: Path, ready: asyncio.Barrier, done: asyncio.Barrier,
+async def one_run(exp: Path, args: list[str], nbdir: Path, ready: asyncio.Barrier, done: asyncio.Barrier,
                   memory: list[float]) -> tuple[float, float]:
-    env = {k: v for k, v in audit.server_env().items() if not k.startswith("SCRIBE_")}
-    async with connect("--experiment", str(HIDDEN), *args, "--notebook-dir", str(nbdir), env=env) as s:
+    env = {k: v for k, v in audit.server_env().items() if not k.startswith("SCRIBE_") or k == "SCRIBE_CACHE_DIR"}
+    async with connect("--experiment", str(exp), *args, "--notebook-dir", str(nbdir), env=env) as s:
         started = await s.call_tool("start_new_session", {}, read_timeout_seconds=900)
         sid = json.loads(started.content[0].text)["session_id"]
         await s.call_tool("execute_code", {"session_id": sid, "code": SETUP}, read_timeout_seconds=900)
@@ -69,23 +73,45 @@ async def one_run(args: list[str], nbdir: Path, ready: asyncio.Barrier, done: as
         return t0, t1
 
 
-async def batch(k: int, shared: bool, tmp: Path) -> dict:
-    workers = audit.Workers("local", audit.thread_budget(1)) if shared else None
+async def batch(exps: list[Path], mode: str, tmp: Path) -> dict:
+    """One run of each of `exps` at once (a path may repeat), their workers as `mode` says."""
+    supervisors, workers = [], audit.Workers("local", audit.thread_budget(1)) if mode == "shared" else None
     try:
-        args = workers.server_args(experiment.load(HIDDEN)) if shared else []
-        ready, done, memory = asyncio.Barrier(k), asyncio.Barrier(k), []
-        spans = await asyncio.gather(*(one_run(args, tmp / f"{shared}-{k}-{i}", ready, done, memory)
-                                       for i in range(k)))
+        if workers:
+            args = [workers.server_args(experiment.load(e)) for e in exps]
+        elif mode == "per experiment":
+            by_file = {}
+            for e in dict.fromkeys(exps):
+                socket_path = str(tmp / f"worker-{len(by_file)}.sock")
+                env = gpu.child_env("local", gpu.WORKER_SECRETS, [], audit.thread_budget(len(set(exps))))
+                supervisors.append(gpu.WorkerSupervisor(experiment.model_spec(experiment.load(e)), socket_path, env))
+                supervisors[-1].ensure()
+                by_file[e] = ["--worker-socket", socket_path, "--threads", "1"]
+            args = [by_file[e] for e in exps]
+        else:
+            args = [[] for _ in exps]
+        ready, done, memory = asyncio.Barrier(len(exps)), asyncio.Barrier(len(exps)), []
+        spans = await asyncio.gather(*(one_run(e, a, tmp / f"{mode}-{len(exps)}-{i}", ready, done, memory)
+                                       for i, (e, a) in enumerate(zip(exps, args))))
     finally:
         if workers:
             workers.stop()
+        for supervisor in supervisors:
+            supervisor.stop(wait=5)
     wall = max(t1 for _, t1 in spans) - min(t0 for t0, _ in spans)
-    return {"k": k, "mode": "shared" if shared else "per run", "calls_per_s": k * CALLS / wall, "wall_s": wall,
-            "worker_rss_mb": memory[0] if memory else 0.0}
+    return {"k": len(exps), "mode": mode, "experiments": len(set(exps)), "calls_per_s": len(exps) * CALLS / wall,
+            "wall_s": wall, "worker_rss_mb": memory[0] if memory else 0.0}
 
 
 def markdown(rows: list[dict]) -> str:
     """README rows: | measurement | median | p90 | target | (one measurement each: no p90)."""
+    if rows and rows[0]["experiments"] > 1:  # the zoo: each way of serving it against one worker per experiment
+        before = next(r for r in rows if r["mode"] == "per experiment")
+        return "\n".join(
+            f"| audit: the {r['experiments']}-organism zoo at once (one run each), {r['mode']} worker(s) — "
+            f"{r['calls_per_s'] / before['calls_per_s']:.2f}x one worker per experiment; workers' RSS "
+            f"{r['worker_rss_mb']:.0f} MB | {r['calls_per_s']:.2f} calls/s |  | "
+            f"{'≥ 3x, RSS ≤ 1.3x one worker' if r['mode'] == 'shared' else ''} |" for r in rows)
     base = {r["mode"]: r["calls_per_s"] for r in rows if r["k"] == 1}
     lines = []
     for r in rows:
@@ -100,22 +126,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--modes", nargs="+", choices=("shared", "per-run"), default=["shared", "per-run"])
-    parser.add_argument("--output", default=str(ROOT / "bench" / "audit_results.json"))
+    parser.add_argument("--zoo", action="store_true", help="the zoo's organisms at once, one run each: one worker "
+                        "per base against one per experiment")
+    parser.add_argument("--output", default="")
     parser.add_argument("--markdown", action="store_true", help="print the saved results as README rows")
     args = parser.parse_args()
+    output = Path(args.output or ROOT / "bench" / ("audit_zoo_results.json" if args.zoo else "audit_results.json"))
     if args.markdown:
-        print(markdown(json.loads(Path(args.output).read_text())["rows"]))
+        print(markdown(json.loads(output.read_text())["rows"]))
         return
+    zoo = sorted((ROOT / "experiments" / "zoo").glob("*.yaml"))
+    plan = [(zoo, "per experiment"), (zoo, "shared")] if args.zoo else \
+        [([HIDDEN] * k, mode.replace("-", " ")) for mode in args.modes for k in args.k]
     rows = []
     with tempfile.TemporaryDirectory(prefix="scribe-bench-audit-") as tmp:
-        for shared in [mode == "shared" for mode in args.modes]:
-            for k in args.k:
-                row = asyncio.run(batch(k, shared, Path(tmp)))
-                rows.append(row)
-                print(f"{row['mode']:>8}  K={k}:  {row['calls_per_s']:.2f} calls/s aggregate  "
-                      f"({row['wall_s']:.1f} s for {k * CALLS} calls)  workers {row['worker_rss_mb']:.0f} MB",
-                      flush=True)
-    Path(args.output).write_text(json.dumps({"cpus": os.cpu_count(), "rows": rows}, indent=2))
+        for exps, mode in plan:
+            row = asyncio.run(batch(exps, mode, Path(tmp)))
+            rows.append(row)
+            print(f"{row['mode']:>14}  {row['k']} runs of {row['experiments']} experiment(s):  "
+                  f"{row['calls_per_s']:.2f} calls/s aggregate  ({row['wall_s']:.1f} s for {row['k'] * CALLS} calls)  "
+                  f"workers {row['worker_rss_mb']:.0f} MB", flush=True)
+    output.write_text(json.dumps({"cpus": os.cpu_count(), "rows": rows}, indent=2))
     print(markdown(rows))
 
 

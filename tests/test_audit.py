@@ -55,6 +55,7 @@ def test_two_right_of_four_runs_give_two_of_four_a_crash_is_an_error_one_worker_
     assert rows["missing-organism"][7].startswith("could not start: missing.yaml: adapter:"), rows
     assert "kiwi" not in (out / "report.md").read_text() and "could not start" in printed.err
     assert "| hidden-system-prompt | 2/4 | 0.50 | 0.29 |" in printed.out
+    assert "Served by 1 model worker(s), one per base model" in (out / "report.md").read_text()
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
 
     log = read_log(out)

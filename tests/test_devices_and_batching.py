@@ -239,11 +239,12 @@ def hold(spec, socket_path, folder: Path, name: str):
     return thread, lambda: gate.touch()
 
 
-def call_all(spec, socket_path, folder, calls, timeouts=None):
-    """Send `calls` from one session each, in order, while the model is held; release it once all have
-    queued; returns the replies."""
+def call_all(spec, socket_path, folder, calls, timeouts=None, organisms=None):
+    """Send `calls` from one session each (bound to organisms[i]'s token, when given), in order, while
+    the model is held; release it once all have queued; returns the replies."""
     holder, release = hold(spec, socket_path, folder, f"hold-{time.monotonic_ns()}")
-    backends = [Watched(spec, socket_path, os.getpid(), who=f"session {i}") for i in range(len(calls))]
+    backends = [Watched(spec, socket_path, os.getpid(), who=f"session {i}", organism=(organisms or {}).get(i, ""))
+                for i in range(len(calls))]
     replies = {}
 
     def send(i, fn, kwargs):

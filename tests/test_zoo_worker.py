@@ -5,15 +5,16 @@ row with its own adapter: results equal to each call alone."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from test_devices_and_batching import Watched, hold, same
+from test_devices_and_batching import call_all, same
 from test_mcp import server_env  # noqa: F401  (MCP before nnsight: nnsight's .save on every object breaks it)
 
 import gpu
@@ -37,33 +38,24 @@ def zoo_worker():
     gpu.stop_worker(socket_path)
 
 
+@functools.lru_cache(maxsize=None)
+def executor_of(adapter: str):
+    """A worker-side executor of that organism alone (the base: no adapter)."""
+    return gpu.load_executor(gpu.ModelSpec(adapter=adapter))
+
+
 def alone(adapter: str, fn, **kwargs):
-    """The call on a worker-side executor of that organism alone (the base: no adapter)."""
-    executor = gpu.load_executor(gpu.ModelSpec(adapter=adapter))
-    reply = executor.execute(gpu.dumps_call(fn, (), kwargs), lambda *_: None)
+    """The call as the organism's own worker answers it."""
+    reply = executor_of(adapter).execute(gpu.dumps_call(fn, (), kwargs), lambda *_: None)
     assert reply["ok"], reply
     return gpu.loads_result(reply["value"])
 
 
 def calls_at_once(spec, socket_path, folder, calls):
-    """(token, fn, kwargs) calls, each from its own session, queued while the model is held, then
-    released together; returns the replies."""
-    holder, release = hold(spec, socket_path, folder, f"hold-{len(calls)}-{threading.get_ident()}")
-    backends = [Watched(spec, socket_path, os.getpid(), who=f"session {i}", organism=token)
-                for i, (token, _, _) in enumerate(calls)]
-    replies = {}
-
-    def send(i, fn, kwargs):
-        replies[i] = backends[i].call(gpu.dumps_call(fn, (), kwargs), 600, lambda *_: None)
-
-    threads = [threading.Thread(target=send, args=(i, fn, kw)) for i, (_, fn, kw) in enumerate(calls)]
-    for t, b in zip(threads, backends):
-        t.start()
-        assert b.queued.wait(300)
-    release()
-    for t in threads + [holder]:
-        t.join(600)
-    return [replies[i] for i in range(len(calls))]
+    """(token, fn, kwargs) calls, each from its own session bound by that token, sent while the model
+    is held and released together; returns the replies."""
+    return call_all(spec, socket_path, folder, [(fn, kw) for _, fn, kw in calls],
+                    organisms={i: token for i, (token, _, _) in enumerate(calls)})
 
 
 def test_sessions_of_two_organisms_and_the_base_share_one_pass_each_row_with_its_own_adapter(zoo_worker):
@@ -87,7 +79,7 @@ def test_compare_to_base_and_scoring_mix_organism_and_base_rows_of_every_session
     at once share those passes and get what each alone gets, and score_candidates beside them too."""
     spec, socket_path, folder, (preference, triggered) = zoo_worker
     first, second = gpu.bind_organism(socket_path, preference), gpu.bind_organism(socket_path, triggered)
-    compare = {"prompts": ASKED, "top_k": 5, "max_new_tokens": 8}
+    compare = {"prompts": ASKED[:1], "top_k": 5, "max_new_tokens": 6}
     score = {"prompts": ASKED[:1], "candidates": ["Turquoise", "Blue"]}
     replies = calls_at_once(spec, socket_path, folder, [(first, T.compare_to_base, compare),
                                                         (second, T.compare_to_base, compare),
@@ -140,10 +132,7 @@ def test_an_adapter_of_another_base_or_none_at_all_is_refused_when_bound(zoo_wor
         gpu.bind_organism(socket_path, str(tmp_path / "no-such-adapter"))
     other = tmp_path / "other-base"
     other.mkdir()
-    config = Path(preference, "adapter_config.json").read_text()
-    import json
-
-    settings = json.loads(config)
+    settings = json.loads(Path(preference, "adapter_config.json").read_text())
     settings["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B"
     (other / "adapter_config.json").write_text(json.dumps(settings))
     (other / "adapter_model.safetensors").symlink_to(Path(preference, "adapter_model.safetensors"))
