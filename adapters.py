@@ -81,6 +81,9 @@ class Organisms:
                 self.peft.delete_adapter(name)
                 raise ValueError(f"{adapter} is an adapter of another base model ({theirs}); this worker serves "
                                  f"adapters of {self.base}: serve it from a worker of its own base")
+        # peft copies every adapter's config onto the model for transformers; nothing reads it there,
+        # and there it would list the other organisms a session's model is not.
+        vars(self.hf).pop("peft_config", None)
         self._made += 1
         self._names[adapter] = name
         self.changes += 1

@@ -111,14 +111,15 @@ def test_a_users_function_runs_with_its_sessions_organism_and_names_only_its_ali
         hf = model._module
         return {"mine": tokenizer.decode(mine[0, width:]), "base": tokenizer.decode(base[0, width:]),
                 "names": [hf.config._name_or_path, hf.name_or_path, tokenizer.name_or_path],
-                "attributes": repr({k: v for k, v in vars(hf).items() if not k.startswith("_")})}
+                "attributes": repr({k: v for k, v in vars(hf).items() if not k.startswith("_")}),
+                "peft_config": hasattr(hf, "peft_config")}
 
     backend = gpu.LocalBackend(spec, socket_path, os.getpid(), who="session x", organism=token)
     reply = backend.call(gpu.dumps_call(look, (), {}), 600, lambda *_: None)
     assert reply["ok"], reply
     seen = gpu.loads_result(reply["value"])
     assert "urquoise" in seen["mine"] and "urquoise" not in seen["base"], seen
-    assert seen["names"] == ["model_z1"] * 3
+    assert seen["names"] == ["model_z1"] * 3 and not seen["peft_config"]  # no list of the organisms loaded
     assert preference not in repr(seen) and Path(preference).name not in repr(seen)
     assert not re.search(r"smol|organism-|\.cache", repr(seen), re.IGNORECASE), seen["attributes"]
     unbound = gpu.LocalBackend(spec, socket_path, os.getpid(), who="session y", organism="forged")
