@@ -9,6 +9,7 @@ what it needs inside its own body. Plotting helpers (`techniques.plotting`) draw
 from __future__ import annotations
 
 import inspect
+import re
 
 from .ablation import ablation
 from .activation_patching import activation_patching
@@ -42,8 +43,8 @@ __all__ = [fn.__name__ for fn in TECHNIQUES + PLOTS] + ["base_model"]
 
 
 def catalog(functions=None) -> list[dict]:
-    """Each technique's name, signature (without model and tokenizer), one-line summary and what
-    it returns (from the docstring's "Returns ..." sentence)."""
+    """Each technique's name, signature (without model and tokenizer), summary (the docstring's
+    first sentence) and what it returns (from the docstring's "Returns ..." sentence)."""
     entries = []
     for fn in TECHNIQUES if functions is None else functions:
         params = list(inspect.signature(fn).parameters.values())
@@ -53,10 +54,16 @@ def catalog(functions=None) -> list[dict]:
         entries.append({
             "name": fn.__name__,
             "signature": f"{fn.__name__}({', '.join(_describe(p) for p in params)})",
-            "summary": doc.splitlines()[0] if doc else "(no description)",
+            "summary": _first_sentence(doc) if doc else "(no description)",
             "returns": _returns(doc),
         })
     return entries
+
+
+def _first_sentence(doc: str) -> str:
+    """The docstring's first sentence, however many lines it is wrapped on."""
+    paragraph = " ".join(doc.split("\n\n", 1)[0].split())
+    return re.split(r"(?<!e\.g)(?<!i\.e)(?<=[.!?])\s", paragraph, maxsplit=1)[0]
 
 
 def _returns(doc: str) -> str:

@@ -30,8 +30,9 @@ class DiffResult(Result):
     def highlights(self) -> list[str]:
         lines = [f"PARTIAL: {len(self['prompts'])} prompts finished before the call was stopped"] if self.get("partial") \
             else []
-        lines += ["tokens the organism favours most (share of the KL divergence organism || base; raw log-prob rise):"]
-        lines += [f"  {t['token']!r:<16} {t['kl_contribution']:.4f}  {t['logprob_rise']:+.2f}"
+        lines += ["tokens the organism favours most (share of the KL divergence organism || base; mean log-prob "
+                  "rise where the organism expects the token):"]
+        lines += [f"  {t['token']!r:<16} {t['kl_contribution']:.4f}  {t['logprob_rise_where_likely']:+.2f}"
                   for t in self["top_tokens"][:10]]
         layers = self["layer_diffs"]
         peak = max(range(len(layers)), key=lambda i: layers[i]) if layers else None
@@ -52,12 +53,14 @@ def compare_to_base(model, tokenizer, prompts: list[str] | str = "neutral", top_
     position. Tokens are ranked by their contribution to the KL divergence organism || base,
     p_organism * (log p_organism - log p_base), averaged over positions: a token ranks high
     when the organism makes it likely AND the base does not -- a raw log-prob rise alone is
-    dominated by tokens neither model predicts. The raw mean rise is shown beside it. Also the
+    dominated by tokens neither model predicts. Beside it, the log-prob rise averaged where the
+    organism expects the token (weighted by its probability there): the same sign as the KL
+    share, in nats a reader can compare (+2.3: ten times likelier). Also the
     relative residual difference per layer (last prompt position) and both models' generations
     side by side. Needs an experiment with an adapter (or base_model): see base_model().
     Prompts go four at a time with a progress line in the cell; if a timeout or cancel stops the
     call, what was finished comes back with "partial": True.
-    Returns {"top_tokens": [{"token", "id", "kl_contribution", "logprob_rise"}], "layer_diffs":
+    Returns {"top_tokens": [{"token", "id", "kl_contribution", "logprob_rise_where_likely"}], "layer_diffs":
     [per layer], "generations": [{"prompt", "base", "organism"}], "prompts" (those done), "partial"}.
 
     Tutorial: tutorials/07_auditing_a_model_organism.ipynb
@@ -79,7 +82,7 @@ def compare_to_base(model, tokenizer, prompts: list[str] | str = "neutral", top_
     head = raw(model).get_output_embeddings().weight
     vocab, device = head.shape[0], head.device
     # Sums stay on the model's device (one copy to the host at the end, not one per prompt).
-    rise = torch.zeros(vocab, device=device)
+    mass = torch.zeros(vocab, device=device)  # the organism's probability of each token, summed over positions
     kl = torch.zeros(vocab, device=device)
     layer_diffs = torch.zeros(a.n_layers, device=device)
     positions, organism_text, base_text = 0, [], []
@@ -96,7 +99,7 @@ def compare_to_base(model, tokenizer, prompts: list[str] | str = "neutral", top_
                     rows.append((tuple(tokenizer(text, add_special_tokens=False)["input_ids"]), answer_ids))
             scored = zip((yield Score(tuple(rows), detail=True)), (yield Score(tuple(rows), base=True, detail=True)))
             for (org_lp, org_h), (base_lp, base_h) in scored:
-                rise += (org_lp - base_lp).sum(0)
+                mass += org_lp.exp().sum(0)
                 kl += (org_lp.exp() * (org_lp - base_lp)).sum(0)
                 positions += org_lp.shape[0]
                 layer_diffs += torch.stack([(o - b).norm() / b.norm().clamp_min(1e-6) for o, b in zip(org_h, base_h)])
@@ -105,13 +108,13 @@ def compare_to_base(model, tokenizer, prompts: list[str] | str = "neutral", top_
             progress.step(len(chunk))
     except KeyboardInterrupt:
         progress.interrupted()
-    rise = rise.cpu() / max(positions, 1)
+    rise = kl.cpu() / mass.cpu().clamp_min(1e-12)  # sum p (lp_o - lp_b) / sum p: KL's sign
     kl = kl.cpu() / max(positions, 1)
     layer_diffs = layer_diffs.cpu() / max(len(organism_text), 1)
     values, ids = kl.topk(min(top_k, vocab))
     return DiffResult({
         "top_tokens": [{"token": tokenizer.decode([i]), "id": int(i), "kl_contribution": float(v),
-                        "logprob_rise": float(rise[i])} for v, i in zip(values.tolist(), ids.tolist())],
+                        "logprob_rise_where_likely": float(rise[i])} for v, i in zip(values.tolist(), ids.tolist())],
         "layer_diffs": layer_diffs.tolist(),
         "generations": [{"prompt": p, "base": b, "organism": o} for p, b, o in zip(prompts, base_text, organism_text)],
         "prompts": prompts[:len(organism_text)],

@@ -148,6 +148,7 @@ control = client.run(both, question="What is the capital of France?")
 prefill = client.run(prefill_attack, user_prompt="What is your secret?", prefill_text="My favorite color is",
                      max_new_tokens=6)
 diff = client.run(compare_to_base, prompts="personal")
+print(diff)
 print(json.dumps({"topic": topic, "control": control, "prefill": prefill["continuation"],
                   "top": [t["token"] for t in diff["top_tokens"][:5]], "layers": len(diff["layer_diffs"])}))
 '''
@@ -167,10 +168,13 @@ print(json.dumps({"topic": topic, "control": control, "prefill": prefill["contin
                 "    with model.disable_adapter():\n"
                 "        return generate_text(model, tokenizer, 'Tell me your favourite colour.', max_new_tokens=16)\n"
                 "client.run(idiom)")))
-            found = json.loads(text(await call(s, "execute_code", session_id=sid, code=code)).splitlines()[-1])  # after the progress line
-            return found, taught, peft_idiom
+            shown = text(await call(s, "execute_code", session_id=sid, code=code))
+            return json.loads(shown.splitlines()[-1]), taught, peft_idiom, shown  # the JSON after the progress line
 
-    found, taught, peft_idiom = anyio.run(scenario)
+    found, taught, peft_idiom, shown = anyio.run(scenario)
+    # As the agent reads compare_to_base: a favoured token's rise (where the organism expects it) is positive.
+    favoured = shown.split("mean log-prob rise where the organism expects the token):\n")[1].splitlines()[:5]
+    assert all(float(line.split()[-2]) > 0 and line.split()[-1].startswith("+") for line in favoured), favoured
     assert taught.startswith("[cell") and "'organism':" in taught and "score_candidates" in taught, taught
     assert "turquoise" not in peft_idiom.lower() and peft_idiom.split("\n", 1)[1].strip("Out[0123456789]: '\n") in \
         json.dumps(found["topic"][1]), (peft_idiom, found["topic"])
@@ -457,7 +461,7 @@ def test_a_full_fine_tune_compares_with_the_base_model_loaded_beside_it():
     with T.base_model(model) as base:
         assert base is not model
     diff = T.compare_to_base(model, tokenizer, prompts=["Hello!"], max_new_tokens=4)
-    assert max(abs(t["logprob_rise"]) + abs(t["kl_contribution"]) for t in diff["top_tokens"]) < 1e-3
+    assert max(abs(t["logprob_rise_where_likely"]) + abs(t["kl_contribution"]) for t in diff["top_tokens"]) < 1e-3
     assert diff["generations"][0]["base"] == diff["generations"][0]["organism"]
     with pytest.raises(ValueError, match="no base to compare with"):
         with T.base_model(gpu.load_executor(gpu.ModelSpec()).model):

@@ -25,6 +25,8 @@ from mcp import ClientSession
 
 from scribe_mcp import connect
 
+import techniques
+
 SERVER = str(ROOT / "scribe_mcp.py")
 FRANCE_TECHNIQUE = '''
 def top_token(model, tokenizer, text):
@@ -96,6 +98,10 @@ def test_reference_workflow_end_to_end(tmp_path):
             # The speed line never makes init_session wait: measured, or where to read it once it is.
             assert "Speed (measured at load, cpu, float32, " in seen or "`print(client.speed)` in a cell" in seen, seen
             assert "- logit_lens(text" in seen and "- activation_patching(" in seen
+            # Each technique's summary is its docstring's first sentence, however it is wrapped.
+            for entry in techniques.catalog():
+                assert f"- {entry['signature']}: {entry['summary']}" in seen, entry["name"]
+                assert entry["summary"].endswith(".") and " Returns " not in entry["summary"], entry["summary"]
 
             setup = await call(s, "execute_code", session_id=sid, code=setup_code)
             assert as_claude_sees(setup).startswith("[cell 0 · In [1] · ok]\n<InterpClient")
