@@ -1984,7 +1984,7 @@ class LocalBackend:
         """The sent call's reply (None: it never started, send it again)."""
         started = False
         try:
-            deadline = queued = None
+            deadline = queued = said = None
             while True:
                 # While queued, wake up once QUEUE_NOTICE has passed to say whom we wait for.
                 msg = self._recv(deadline if started or queued is None else queued[0] + QUEUE_NOTICE)
@@ -1992,13 +1992,16 @@ class LocalBackend:
                     if started:
                         break  # timed out while running
                     on_output("stderr", f"[client.run: waiting for the model, busy with {queued[1]}'s call]\n")
-                    queued = None
+                    said, queued = queued, None
                     continue
                 if msg.get("id") != call_id:
                     continue
                 op = msg["op"]
                 if op == "started":
                     started, deadline = True, time.monotonic() + timeout
+                    if said is not None:  # it said it waits: say for how long, so the call's own time reads right
+                        on_output("stderr", f"[client.run: waited {time.monotonic() - said[0]:.1f}s behind "
+                                            f"{said[1]}'s call; running now]\n")
                 elif op == "queued":
                     queued = (time.monotonic(), msg["behind"])
                 elif op == "out":

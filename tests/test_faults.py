@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import threading
@@ -420,6 +421,9 @@ def test_a_queued_calls_timeout_starts_when_it_runs_and_waiting_is_visible(serve
     runner.join()
     assert r.status == "ok" and "'b done'" in r.text, r.text
     assert f"waiting for the model, busy with session {a.id}'s call" in "".join(seen)
+    # and once it runs, for how long it waited (the cell's time is not the call's own)
+    waited = re.search(rf"waited (\d+\.\d)s behind session {a.id}'s call; running now", r.text)
+    assert waited and float(waited.group(1)) >= 1.0, r.text
     assert results["a"].status == "ok" and "'a done'" in results["a"].text
 
 
