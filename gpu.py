@@ -829,6 +829,17 @@ class _Snapshot:
 _MISSING = object()
 
 
+def _fingerprint(tensor) -> tuple:
+    """Three float64 reductions of a tensor's values (no copy): equal after an edit only if it was
+    undone, for all but a deliberately crafted change."""
+    import torch
+
+    with torch.no_grad():
+        flat = tensor.detach().reshape(-1)
+        return (flat.sum(dtype=torch.float64).item(), torch.linalg.vector_norm(flat, dtype=torch.float64).item(),
+                flat[::97].sum(dtype=torch.float64).item(), str(tensor.dtype), tuple(tensor.shape), str(tensor.device))
+
+
 class Executor:
     """Runs shipped calls on one loaded model and leaves it, and torch, as it found them.
 
@@ -868,6 +879,7 @@ class Executor:
         self._baseline = [set(hooks) for hooks, _ in self._tables]
         self._tensors = [*self._raw.parameters(), *self._raw.buffers()]
         self._versions = [t._version for t in self._tensors]
+        self._prints = [_fingerprint(t) for t in self._tensors]
         self._scanned = self.organisms.changes
 
     def bind(self, adapter: str, alias: str, token: str = "") -> str:
@@ -931,15 +943,22 @@ class Executor:
             self._raw.eval()
 
     def _check_weights(self) -> None:
-        """Say so in the call's output when it edited weights in place: unlike settings, they cannot
-        be put back, and every later call of every session sees them (`weights_changed`)."""
+        """Say so in the call's output when it edited weights in place, and whether it put them back
+        as they were (their fingerprints at load): edits left in place cannot be undone here, and
+        every later call of every session sees them (`weights_changed`)."""
         versions = [t._version for t in self._tensors]
-        if versions != self._versions:
-            edited = sum(a != b for a, b in zip(versions, self._versions))
-            self._versions, self.weights_changed = versions, True
-            print(f"[scribe] this call changed {edited} of the model's weight tensors in place: every later call, "
-                  "in every session, sees the change until the model worker restarts (a worker that an audit's runs "
-                  "share restarts after this call)", file=sys.stderr)
+        if versions == self._versions:
+            return
+        edited = [i for i, (a, b) in enumerate(zip(versions, self._versions)) if a != b]
+        self._versions = versions
+        if all(_fingerprint(self._tensors[i]) == self._prints[i] for i in edited):
+            print(f"[scribe] this call changed {len(edited)} of the model's weight tensors in place and put them back "
+                  "as they were: later calls see the model as loaded", file=sys.stderr)
+            return
+        self.weights_changed = True
+        print(f"[scribe] this call changed {len(edited)} of the model's weight tensors in place and left them "
+              "modified: every later call, in every session, sees the change until the model worker restarts (a "
+              "worker that an audit's runs share restarts after this call)", file=sys.stderr)
 
     def _streams(self, emit: Callable[[str, str], None], secrets: dict[str, str]) -> tuple[_Emitter, _Emitter]:
         if secrets:

@@ -109,10 +109,25 @@ def test_weights_edited_in_place_are_reported_and_a_pristine_worker_restarts(tmp
             reply = client.call(gpu.dumps_call(fn, (), {}), 300, lambda stream, text: out.append(text))
             return gpu.loads_result(reply["value"])
 
+        def edit_and_undo(model, tokenizer):
+            import torch
+            weight = model._module.model.norm.weight
+            try:
+                with torch.no_grad():
+                    weight.mul_(2)
+                return float(weight[0])
+            finally:
+                with torch.no_grad():
+                    weight.div_(2)
+
         original = run(read_norm)
+        pid = client.worker_pid
+        assert run(edit_and_undo) == pytest.approx(2 * original)
+        assert "changed 1 of the model's weight tensors in place and put them back as they were" in "".join(out)
+        assert run(read_norm) == pytest.approx(original) and client.worker_pid == pid  # restored: no restart needed
         assert run(edit) == pytest.approx(2 * original)
-        assert "this call changed 1 of the model's weight tensors in place" in "".join(out)
-        assert run(read_norm) == pytest.approx(original)  # a fresh worker: the model as loaded
+        assert "changed 1 of the model's weight tensors in place and left them modified" in "".join(out)
+        assert run(read_norm) == pytest.approx(original) and client.worker_pid != pid  # a fresh worker: as loaded
     finally:
         worker.stop()
 
