@@ -128,15 +128,18 @@ class Progress:
         import time
 
         self.total, self.label, self.done, self._clock = total, label, 0, time.monotonic
-        self._start = self._clock()
+        self._start, self._width = self._clock(), 0
 
     def step(self, n: int = 1) -> None:
         self.done += n
         elapsed = self._clock() - self._start
         left = elapsed / self.done * (self.total - self.done)
         end = "\n" if self.done >= self.total else ""
-        print(f"\r{self.label}: {self.done}/{self.total} done, {elapsed:.0f}s elapsed, about {left:.0f}s left",
-              end=end, flush=True)
+        line = f"{self.label}: {self.done}/{self.total} done, {elapsed:.0f}s elapsed, about {left:.0f}s left"
+        # A \r frame overwrites the one before it only as far as it reaches: a shorter one ("about 0s
+        # left" after "about 10s left") is padded, or the old frame's end shows after it ("leftft").
+        print(f"\r{line:<{self._width}}", end=end, flush=True)
+        self._width = max(self._width, len(line))
 
     def interrupted(self) -> None:
         """In `except KeyboardInterrupt:` (a timeout or cancel): the interrupt goes on when nothing

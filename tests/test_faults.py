@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -121,6 +123,17 @@ def test_carriage_returns_are_applied_like_jupyter():
     assert kernel.collapse_cr("abc\rde\n") == "dec\n"
     assert kernel.collapse_cr("a\r\nb") == "a\nb"
     assert kernel.collapse_cr("50%\r100%\ndone\r") == "100%\ndone"
+    # A technique's progress line, as the cell shows it: its last frame, nothing of a longer one before.
+    from techniques._result import Progress
+
+    ticks = iter([10.0, 12.0])  # the first frame ("about 10s left") is longer than the last
+    progress = Progress(2, "compare_to_base")
+    progress._clock, progress._start = lambda: next(ticks), 0.0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        progress.step()
+        progress.step()
+    assert kernel.collapse_cr(printed.getvalue()).rstrip() == "compare_to_base: 2/2 done, 12s elapsed, about 0s left"
     # Streaming in arbitrary chunks gives what the whole text gives.
     text = "".join(f"\r{i:>4}/300" + ("\n" if i % 97 == 0 else "") for i in range(300)) + "\nend\n"
     out = nbformat.v4.new_output("stream", name="stdout", text="")
