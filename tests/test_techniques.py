@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT, run_ok
 
 import techniques as T
+from techniques._arch import chat_prompt
 
 FRANCE = "The capital of France is"
 CLEAN = "The Eiffel Tower is located in the city of"
@@ -72,6 +73,14 @@ def test_logit_lens_last_layer_is_the_model_distribution(client):
     assert final[0]["token"] == " Paris"
     paris = [row[0] for row in lens["target_probs"][" Paris"]]
     assert paris[-1] == pytest.approx(model[0]["prob"], abs=1e-5) and paris[-1] > 10 * paris[5]
+    # chat=True: the text is a user turn, read where the assistant's answer starts
+    asked = "What is the capital of France?"
+    templated = client.run(lambda m, t: chat_prompt(t, asked))
+    in_chat = client.run(T.logit_lens, text=asked, top_k=3, layers=[29], chat=True)
+    assert "".join(in_chat["tokens"][-4:]) == "<|im_start|>assistant\n", in_chat["tokens"][-4:]
+    own = client.run(T.analyze_token_probs, text=asked, top_k=3, chat=True)["top"]
+    assert own == client.run(T.analyze_token_probs, text=templated, top_k=3)["top"]
+    assert [t["token"] for t in in_chat["top"][0][0]] == [t["token"] for t in own]
 
 
 def test_activation_patching_known_answers(client, patching):
