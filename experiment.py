@@ -278,6 +278,12 @@ def _technique_names() -> set[str]:
 # ---------------------------------------------------------------------------
 
 
+def taught(text: str) -> set[str]:
+    """The techniques an example in `text` imports: an agent shown the example must be shown
+    their signatures too."""
+    return {name.strip() for line in re.findall(r"from techniques import ([\w, ]+)", text) for name in line.split(",")}
+
+
 def prompt(exp: Experiment, server: dict) -> str:
     """The prompt an agent gets: Scribe's own guide (experiments/prompt/agent.md) with the
     server's tools, setup code and conventions filled in from the live server (`server`, see
@@ -292,7 +298,8 @@ def prompt(exp: Experiment, server: dict) -> str:
     if exp.research_tips:
         parts.append((PROMPT_DIR / "research_tips.md").read_text().rstrip())
     parts.append(f"## Your task\n\n{exp.task}")
-    offered = [fn for fn in techniques.TECHNIQUES if fn.__name__ in (exp.techniques or exp.sae and techniques.SAE_TECHNIQUES)]
+    names = set(exp.techniques or exp.sae and techniques.SAE_TECHNIQUES or ())
+    offered = [fn for fn in techniques.TECHNIQUES if fn.__name__ in (names | taught(base) if names else names)]
     if offered:
         lines = ["## Techniques ready to use", "",
                  "`from techniques import NAME`, then `client.run(NAME, ...)` with the arguments below "

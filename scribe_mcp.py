@@ -382,7 +382,9 @@ class Scribe:
             exp = experiment.load(args.experiment)
             experiment.check_inputs(exp)
             self.spec = experiment.model_spec(exp, self.spec)
-            self.offered = exp.techniques
+            # what init_session's base-model example uses is offered with the rest: its signature is listed
+            self.offered = exp.techniques + tuple(sorted(experiment.taught(BASE_MODEL_NOTE) - set(exp.techniques))) \
+                if exp.techniques and (self.spec.adapter or self.spec.base_model) else exp.techniques
         self.mode = args.mode
         if args.worker_socket and not gpu.worker_serves(args.worker_socket):
             raise ValueError(f"--worker-socket {args.worker_socket}: no model worker answers there (start it first; "

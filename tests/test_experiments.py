@@ -159,6 +159,8 @@ print(json.dumps({"topic": topic, "control": control, "prefill": prefill["contin
             sid = (await call(s, "start_new_session")).structured_content["session_id"]
             init = text(await call(s, "init_session"))
             assert "Model: model_0" in init and "- compare_to_base(" in init and "- logit_lens(" not in init
+            # the base-model example uses generate_text and score_candidates: their signatures are listed too
+            assert "- score_candidates(prompts" in init and "- generate_text(prompt" in init
             setup = init.split("```python\n")[1].split("```")[0]
             await call(s, "execute_code", session_id=sid, code="import json\n" + setup)
             example = init.split("The base model:")[1].split("```python\n")[1].split("```")[0]
