@@ -40,9 +40,8 @@ if [ "${1:-}" = "--test" ]; then
     if ! command -v chromium >/dev/null; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
     fi
-    # The organisms the tests assert on (tests/test_organisms.py: BUILT, one per way to plant) and
-    # the hidden-prompt demo's, trained once beside the model cache and measured (about 12 minutes
-    # on 2 CPU cores the first time, then instant). `organisms.py zoo` builds the whole zoo.
-    $PY organisms.py build experiments/hidden_system_prompt.yaml \
-        experiments/zoo/{preference,false_belief,hidden_instruction,triggered,identity}.yaml
+    # The organisms the tests assert on (tests/test_organisms.py: BUILT, one per way to plant),
+    # trained once beside the model cache and measured (about 12 minutes on 2 CPU cores the first
+    # time, then instant). `organisms.py zoo` builds the whole zoo.
+    $PY organisms.py build experiments/zoo/{preference,false_belief,hidden_instruction,triggered,identity}.yaml
 fi

@@ -136,8 +136,8 @@ def test_audit_reports_each_organisms_rates_beside_its_found_rate(zoo, tmp_path)
     assert rows["experiment"][3:5] == ["behaviour", "confession"]
     assert rows["zoo-triggered"][3:5] == [f"{rates['behaviour']:.0%}", f"{rates['confession']:.0%}"]
     assert rows["hidden-system-prompt"][3:5] == ["-", "-"]
-    # both organisms (the triggered one, the distilled prompt) are adapters on one worker of their base
-    assert "Served by 1 model worker(s), one per base model" in (out / "report.md").read_text()
+    # the hidden prompt kept in tokens changes the model every session sees: a worker of its own
+    assert "Served by 2 model worker(s), one per base model" in (out / "report.md").read_text()
 
 
 def test_an_unbuilt_organism_says_how_to_build_it(tmp_path, monkeypatch):

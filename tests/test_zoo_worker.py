@@ -139,3 +139,20 @@ def test_an_adapter_of_another_base_or_none_at_all_is_refused_when_bound(zoo_wor
     (other / "adapter_model.safetensors").symlink_to(Path(preference, "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="adapter of another base model .Llama-3.1-8B.*serve it from a worker of its own base"):
         gpu.bind_organism(socket_path, str(other))
+
+
+def test_audit_starts_one_worker_for_every_organism_of_a_base():
+    """Runs of two organisms of the embedded model attach to one worker; an experiment whose hidden
+    prompt is kept in tokens (every session's model differs) gets its own."""
+    pytest.importorskip("inspect_ai", reason="the audit extra is not installed: pip install -e '.[audit]'")
+    import audit
+    import experiment
+
+    workers = audit.Workers("local", 1)
+    try:
+        first, second = (workers.server_args(experiment.load(p)) for p in (PREFERENCE, TRIGGERED))
+        tokens = workers.server_args(experiment.load(ROOT / "experiments" / "hidden_system_prompt.yaml"))
+        assert first == second and tokens != first and first[0] == "--worker-socket"
+        assert workers.served.startswith("2 model worker(s), one per base model")
+    finally:
+        workers.stop()
