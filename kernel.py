@@ -227,12 +227,21 @@ def error_text(out) -> str:
 
 
 def truncate(text: str, limit: int, hint: str = "read_cell shows all of it") -> str:
+    """`text` cut in the middle to about `limit` characters, with a marker saying what is cut and
+    where. The cut falls between lines where one ends near it: a table loses whole rows."""
     if len(text) <= limit:
         return text
     head, tail = text[: limit * 2 // 3], text[-(limit // 3):]
-    cut = len(text) - len(head) - len(tail)
-    return (f"{head}\n... [{cut} characters cut at offset {len(head)}; the notebook keeps everything, "
-            f"{hint}] ...\n{tail}")
+    end = head.rfind("\n")
+    if end >= len(head) // 2:
+        head = head[:end + 1]
+    start = tail.find("\n")
+    if 0 <= start < len(tail) // 2:
+        tail = tail[start + 1:]
+    cut = text[len(head):len(text) - len(tail)]
+    lines = f"{cut.count(chr(10))} lines, " if cut.count("\n") > 1 else ""
+    return (f"{head.rstrip(chr(10))}\n... [{lines}{len(cut)} characters cut at offset {len(head)}; the notebook "
+            f"keeps everything, {hint}] ...\n{tail}")
 
 
 def image_size(fmt: str, data: bytes) -> tuple[int, int] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,6 +113,14 @@ def test_long_output_is_cut_for_the_agent_but_kept_in_the_notebook(nbdir):
         assert len(r.text) < 1200 and r.text.startswith("HEAD") and r.text.rstrip().endswith("TAIL")
         assert "characters cut" in r.text
         assert len(saved(s.path).cells[0].outputs[0]["text"]) > 50000
+        # A table loses whole rows, and the marker says how many and from which offset to read them.
+        rows = "\n".join(f"row {i:>3} | {'value':>20} | {i * i:>8}" for i in range(200))
+        table = s.execute(f"print({rows!r})").text
+        shown = table.splitlines()
+        marker = next(line for line in shown if line.startswith("... ["))
+        assert all(re.fullmatch(r"row +\d+ \| +value \| +\d+", line) for line in shown if line != marker), shown
+        kept = [int(line.split()[1]) for line in shown if line != marker]
+        assert f"[{200 - len(kept)} lines, " in marker and "cut at offset" in marker, marker
     finally:
         m.shutdown_all()
 
