@@ -87,12 +87,13 @@ class Organisms:
         self._made += 1
         self._names[adapter] = name
         self.changes += 1
-        self._evict()
+        self._evict(keep=adapter)
         return name
 
-    def _evict(self) -> None:
-        """Past max_loaded, the least recently used adapters no session is bound to are deleted."""
-        in_use = {b.adapter for b in self._bindings.values()} | {self.default.adapter}
+    def _evict(self, keep: str = "") -> None:
+        """Past max_loaded, the least recently used adapters no session is bound to are deleted
+        (never `keep`: the one being loaded for a binding)."""
+        in_use = {b.adapter for b in self._bindings.values()} | {self.default.adapter, keep}
         for adapter in [a for a in self._names if a not in in_use][:max(0, len(self._names) - self.max_loaded)]:
             self.peft.delete_adapter(self._names.pop(adapter))
             self.changes += 1
@@ -105,6 +106,11 @@ class Organisms:
         token = token or _secrets.token_hex(16)
         self._bindings[token] = binding
         return token
+
+    def unbind(self, token: str) -> None:
+        """The session is over: its organism may be evicted once no other session uses it."""
+        self._bindings.pop(token, None)
+        self._evict()
 
     def binding(self, token: str | None) -> Binding:
         if not token:

@@ -1223,7 +1223,7 @@ class _Call:
     who: str  # the caller's label (a session id) for "queued behind ..." messages and fair turns
     merge: bool = False  # a batchable technique: may share batched model calls with others (execute_merged)
     organism: str = ""  # the binding token its session's server got (bind_organism); "" = the worker's own
-    bind: dict | None = None  # not a call: a server binding an organism ({"adapter", "alias"}), between calls
+    bind: dict | None = None  # not a call: a server binding ({"adapter", "alias"}) or releasing ({"unbind"}) one
     cancelled: bool = False
     done: bool = False
     why: str = ""  # who stopped it, when the worker itself did (the per-call limit)
@@ -1357,16 +1357,21 @@ class Worker:
         return [(call, call.payload, call.emit, call.organism) for call in joining]
 
     def _bind(self, request: dict) -> Reply:
-        """Bind a server's organism; the bindings are kept beside the socket (0700 runtime folder),
-        so a worker restarted after a weight edit serves every bound session again."""
-        adapter, alias = str(request.get("adapter") or ""), str(request.get("alias") or "")
-        try:
-            token = self.executor.bind(adapter, alias)
-        except Exception as exc:  # noqa: BLE001 - a missing or mismatched adapter: the server says why
-            return {"ok": False, "type": type(exc).__name__, "message": hide(str(exc), self.executor.secrets),
-                    "traceback": ""}
+        """Bind a server's organism, or release it; the bindings are kept beside the socket (0700
+        runtime folder), so a worker restarted after a weight edit serves every bound session again."""
         bindings = self._bindings()
-        bindings[token] = {"adapter": adapter, "alias": alias}
+        if request.get("unbind"):
+            self.executor.organisms.unbind(request["unbind"])
+            bindings.pop(request["unbind"], None)
+            token = ""
+        else:
+            adapter, alias = str(request.get("adapter") or ""), str(request.get("alias") or "")
+            try:
+                token = self.executor.bind(adapter, alias)
+            except Exception as exc:  # noqa: BLE001 - a missing or mismatched adapter: the server says why
+                return {"ok": False, "type": type(exc).__name__, "message": hide(str(exc), self.executor.secrets),
+                        "traceback": ""}
+            bindings[token] = {"adapter": adapter, "alias": alias}
         tmp = f"{self.socket_path}.bindings.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(bindings, f)
@@ -1401,7 +1406,7 @@ class Worker:
                     binding = msg["op"] == "bind"
                     call = _Call(conn, msg["id"], msg.get("payload", b""), msg.get("who") or "another client",
                                  merge=not binding and call_merges(msg["payload"]), organism=msg.get("organism") or "",
-                                 bind={k: msg.get(k) for k in ("adapter", "alias")} if binding else None)
+                                 bind={k: msg.get(k) for k in ("adapter", "alias", "unbind")} if binding else None)
                     with self.ready:
                         ahead = self.running[0] if self.running else (self.queue[0] if self.queue else None)
                         self.queue.append(call)
@@ -1562,17 +1567,20 @@ def worker_serves(socket_path: str) -> bool:
     return sock is not None
 
 
-def bind_organism(socket_path: str, adapter: str, alias: str = "", timeout: float = WORKER_START_TIMEOUT) -> str:
+def bind_organism(socket_path: str, adapter: str = "", alias: str = "", unbind: str = "",
+                  timeout: float = WORKER_START_TIMEOUT) -> str:
     """Bind a session's organism on the shared worker at socket_path (a server does this for its
     kernels): the token its calls must carry (ENV_ORGANISM). The adapter is loaded now, so one that
-    is missing or of another base is refused here, with why."""
+    is missing or of another base is refused here, with why. `unbind=TOKEN` releases a binding
+    (its server closes): its adapter may then be evicted."""
     sock = _try_connect(socket_path)
     if sock is None:
         raise WorkerDiedError(f"no model worker answers at {socket_path}")
     with sock:
         sock.settimeout(timeout)
         recv_msg(sock)  # hello
-        send_msg(sock, {"op": "bind", "id": 1, "adapter": adapter, "alias": alias, "who": "a server binding"})
+        send_msg(sock, {"op": "bind", "id": 1, "adapter": adapter, "alias": alias, "unbind": unbind,
+                        "who": "a server binding"})
         while (msg := recv_msg(sock))["op"] != "result":
             pass
     if not msg.get("ok"):

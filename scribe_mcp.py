@@ -396,8 +396,10 @@ class Scribe:
                            gpu.ENV_NAME: self.spec.display_name})
         if args.mode == "modal":  # the Modal client runs in the kernel and must know what to load
             kernel_env[gpu.ENV_SPEC] = self.spec.to_json()
-        if args.worker_socket and args.experiment:  # a worker of the base shared with other organisms
-            kernel_env[gpu.ENV_ORGANISM] = gpu.bind_organism(args.worker_socket, self.spec.adapter, self.spec.alias)
+        self.bound = ""  # this server's binding on a worker shared with other organisms of the base
+        if args.worker_socket and args.experiment:
+            self.bound = kernel_env[gpu.ENV_ORGANISM] = gpu.bind_organism(args.worker_socket, self.spec.adapter,
+                                                                          self.spec.alias)
         self.worker = None
         if args.mode != "modal" and not args.worker_socket:  # on Modal the container loads the model
             self.worker = gpu.WorkerSupervisor(self.spec, socket_path, gpu.child_env(args.mode, gpu.WORKER_SECRETS,
@@ -442,6 +444,9 @@ class Scribe:
             t.start()
         for t in threads:
             t.join(5)
+        if self.bound:  # the shared worker may evict this organism now that no session of ours uses it
+            with contextlib.suppress(Exception):
+                gpu.bind_organism(self.socket_path, unbind=self.bound, timeout=5)
         shutil.rmtree(self.runtime, ignore_errors=True)
 
 

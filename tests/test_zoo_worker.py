@@ -156,3 +156,23 @@ def test_audit_starts_one_worker_for_every_organism_of_a_base():
         assert workers.served.startswith("2 model worker(s), one per base model")
     finally:
         workers.stop()
+
+
+def test_past_its_bound_the_least_recently_used_free_organism_is_evicted_and_loads_again(zoo_worker):
+    """max_loaded bounds the adapters a worker keeps: one no session is bound to any more goes first;
+    bound again, it loads anew and answers as before (nnsight traces too: the model is re-wrapped)."""
+    _, _, _, (preference, triggered) = zoo_worker
+    executor = gpu.load_executor(gpu.ModelSpec())
+    executor.organisms.max_loaded = 1
+    first = executor.bind(preference, "")
+    second = executor.bind(triggered, "")
+    assert executor.organisms.loaded == 2  # both in use: neither goes
+    executor.organisms.unbind(first)
+    assert executor.organisms.loaded == 1
+    again = executor.bind(preference, "")
+    for token, adapter in ((again, preference), (second, triggered)):
+        for fn, kwargs in ((T.generate_text, {"prompt": ASKED[0], "max_new_tokens": 8}),
+                           (T.logit_lens, {"text": ASKED[0], "layers": [12, 29], "top_k": 3, "chat": True})):
+            reply = executor.execute(gpu.dumps_call(fn, (), kwargs), lambda *_: None, token)
+            assert reply["ok"], reply
+            same(gpu.loads_result(reply["value"]), alone(adapter, fn, **kwargs))
