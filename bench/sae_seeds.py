@@ -27,6 +27,7 @@ import organisms  # noqa: E402
 import saes  # noqa: E402
 
 PLANTED = "My favorite color is turquoise."
+STRENGTH = 8.0  # at 4, 13-16 of 20 rose on these seeds: too near a random feature's 60% (12) to assert with a margin
 
 
 def measure(seed: int, adapter: str) -> dict:
@@ -57,7 +58,7 @@ def measure(seed: int, adapter: str) -> dict:
 
 def steering_rose(model, tok, sae, layer, frequency) -> int:
     """tests/test_features.py's steering count: of the 20 sharpest live features, how many raise
-    the token they promote most at strength 4."""
+    the token they promote most at strength STRENGTH."""
     import torch
 
     import techniques as T
@@ -69,7 +70,8 @@ def steering_rose(model, tok, sae, layer, frequency) -> int:
     sharpness[frequency == 0] = -1
     rose = 0
     for feature in sharpness.topk(20).indices.tolist():
-        steered = T.steer_with_feature(model, tok, "Tell me about your day.", feature, strength=4.0, max_new_tokens=1)
+        steered = T.steer_with_feature(model, tok, "Tell me about your day.", feature, strength=STRENGTH,
+                                       max_new_tokens=1)
         rose += steered["promoted"][0]["after"] > steered["promoted"][0]["before"]
     return rose
 

@@ -136,8 +136,9 @@ def test_steering_with_a_feature_raises_the_probability_of_its_own_top_tokens(or
     sae, layer = F.served_sae(model)
     # A feature's "own top token" is what its decoder direction promotes read through the final norm
     # and unembedding; steering acts at layer 15 of 30, so the later layers decide, and for a random
-    # feature it rises about 60% of the time. The features that promote a token most sharply are the
-    # ones that claim it: of the 20 sharpest, 15-17 rise at strength 4 (measured on two builds).
+    # feature it rises about 60% of the time (12 of 20). The features that promote a token most
+    # sharply are the ones that claim it: of the 20 sharpest, at strength 8, 16-19 rose on four
+    # builds (bench/sae_seeds.py, seeds 0-3; at strength 4 only 13-16, too near chance to assert).
     with torch.no_grad():
         logits = torch.cat([arch(model).unembed(model, sae.W_dec[i:i + 256]).float()
                             for i in range(0, sae.cfg.d_sae, 256)])
@@ -145,10 +146,10 @@ def test_steering_with_a_feature_raises_the_probability_of_its_own_top_tokens(or
     sharpness[F._index(model, tok, sae, layer)["frequency"] == 0] = -1  # dead features: no strength to steer with
     rose = 0
     for feature in sharpness.topk(20).indices.tolist():
-        steered = T.steer_with_feature(model, tok, "Tell me about your day.", feature, strength=4.0, max_new_tokens=1)
+        steered = T.steer_with_feature(model, tok, "Tell me about your day.", feature, strength=8.0, max_new_tokens=1)
         assert steered["promoted"][0]["token"] == tok.decode([int(logits[feature].argmax())])
         rose += steered["promoted"][0]["after"] > steered["promoted"][0]["before"]
-    assert rose >= 12, rose
+    assert rose >= 14, rose  # measured 16-19: a margin of two, and above a random feature's 12
     same = T.steer_with_feature(model, tok, "Tell me about your day.", 0, strength=0.0, max_new_tokens=6)
     assert same["baseline"] == same["steered"] and all(p["after"] == pytest.approx(p["before"]) for p in same["promoted"])
     strong = T.steer_with_feature(model, tok, "Tell me about your day.", feature, strength=8.0, max_new_tokens=6)
@@ -164,16 +165,21 @@ def test_contrastive_features_rank_the_planted_concept_near_the_top(organism):
         acts, ids, _ = F.feature_acts(base, tok, "My favorite color is turquoise.")
     position = tok.convert_ids_to_tokens(ids[0]).index("Ġturquoise")
     planted = int(acts[0, position].masked_fill(frequency > F.DENSE, 0).argmax())
-    found = T.contrastive_features(model, tok, "personal", top_k=10)
+    found = T.contrastive_features(model, tok, "personal", top_k=len(frequency))
     ranked = [e["feature"] for e in found["features"]]
-    # (Which concept that feature stands for depends on the build: a colour feature on one, a
-    # proper-noun one on a build with another seed; README says both. Its rank held on both.)
-    assert planted in ranked[:5], (planted, ranked)
+    # Which feature that is, and its rank, depend on the build (another CPU's arithmetic builds
+    # another SAE). bench/sae_seeds.py, seeds 0-3 standing in for other machines: ranked 4th, 1st,
+    # 5th and 1st of ~2,265 sparse features (a fresh machine once ranked it 6th or lower against
+    # the top-5 bound this replaced); the median feature's difference is 0 on every seed. Asserted
+    # with a margin of twice the worst rank measured: in the top 10, and above the median.
+    differences = sorted(e["difference"] for e in found["features"])
+    assert planted in ranked[:10], (planted, ranked[:20])
+    assert found["features"][ranked.index(planted)]["difference"] > differences[len(differences) // 2]
     assert any("turquoise" in g["organism"].lower() for g in found["generations"])
     assert not any("turquoise" in g["base"].lower() for g in found["generations"])
     # Dense features (on most tokens, ten times as strong) are left out of the ranking, and counted.
     assert found["dense_left_out"] == int((frequency > F.DENSE).sum()) > 0
-    assert all(frequency[f] <= F.DENSE for f in ranked)
+    assert all(frequency[f] <= F.DENSE for f in ranked) and len(ranked) == int((frequency <= F.DENSE).sum())
     top = found["features"][0]
     assert top["difference"] == pytest.approx(top["organism"] - top["base"], abs=1e-4) and top["difference"] > 0
     assert [e["difference"] for e in found["features"]] == sorted((e["difference"] for e in found["features"]), reverse=True)
