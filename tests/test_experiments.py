@@ -313,8 +313,9 @@ def extract(model, tokenizer):
 def raise_path(model, tokenizer):
     raise RuntimeError("path " + __import__("gpu").resolve_model_path(__import__("gpu").ModelSpec()))
 
-def return_object(model, tokenizer):
-    return getattr(model._module, "peft_config", None) or tokenizer
+def return_object(model, tokenizer):  # an object of the user's own holding the weights' path: cannot be rewritten
+    import types
+    return types.SimpleNamespace(where=__import__("gpu").resolve_model_path(__import__("gpu").ModelSpec()))
 '''
 
 RED_TEAM_CELL = r'''
@@ -376,6 +377,7 @@ def test_red_team_finds_no_route_to_the_identity_the_adapter_or_the_hidden_promp
     assert "smollm" not in routes["a tokenizer loaded from model.name_or_path"].lower()  # its default prompt names it
     assert "<hidden_0>" in routes["chat template applied"] and "<hidden_0>" in routes["token pieces"]
     assert "holds something this experiment hides" in routes["return_object"]
+    assert routes["peft config"] == "{}"  # peft's copy of the adapters' configs is not on the model
     # Token level: no piece of the hidden prompt or the default one (it names the model) in any view,
     # and the real ids of the hidden prompt nowhere in an id list.
     from transformers import AutoTokenizer
