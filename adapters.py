@@ -72,7 +72,8 @@ class Organisms:
             # a closure, not the PeftModel's bound method, so its peft_config is not an attribute away.
             self.hf.disable_adapter = lambda: peft.disable_adapter()
             self.hf.scribe_base = self.hf.disable_adapter
-            self.hf.scribe_rows = self.rows
+            rows = self.rows  # a closure too: a bound method's __self__ would hold every session's binding
+            self.hf.scribe_rows = lambda organisms: rows(organisms)
             self.base = _base_of(peft.peft_config[name])
         else:
             self.peft.load_adapter(adapter, adapter_name=name)
