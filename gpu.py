@@ -96,7 +96,6 @@ class ModelSpec:
     dtype: str = "auto"  # "auto", "float32", "bfloat16", "float16"
     cache_dir: str = ""  # where converted GGUF models go; "" = $SCRIBE_CACHE_DIR or ~/.cache/scribe
     adapter: str = ""  # a PEFT adapter (hub id or folder) applied on top of the model
-    adapters: str = ""  # more organisms (adapter folders, os.pathsep between) that bound sessions use
     # "eager" so `output_attentions=True` returns weights, as agents' reference code expects;
     # "sdpa" is faster on long contexts but silently returns no attentions.
     attn_implementation: str = "eager"
@@ -237,9 +236,9 @@ def load_model(spec: ModelSpec, timings: dict | None = None):
     hf_model, beside = load(path), []
     done("weights, loaded onto the device")
     organisms = adapters.Organisms(hf_model, default=adapters.Binding(spec.adapter, spec.alias))
-    # Loaded before the nnsight wrap: the LoRA layers they inject are the modules traces see.
-    for adapter in filter(None, [spec.adapter, *spec.adapters.split(os.pathsep)]):
-        organisms.name_of(adapter)
+    # Loaded before the nnsight wrap: the LoRA layers it injects are the modules traces see (an
+    # organism bound later makes the worker wrap the model again, Executor._rewrap).
+    organisms.name_of(spec.adapter)
     if spec.base_model and not organisms.loaded:
         beside = [load(resolve_model_path(replace(spec, model=spec.base_model)))]
         base = TransformersModel(beside[0], tokenizer=tokenizer)
