@@ -278,10 +278,13 @@ def _technique_names() -> set[str]:
 # ---------------------------------------------------------------------------
 
 
-def taught(text: str) -> set[str]:
-    """The techniques an example in `text` imports: an agent shown the example must be shown
-    their signatures too."""
-    return {name.strip() for line in re.findall(r"from techniques import ([\w, ]+)", text) for name in line.split(",")}
+def with_taught(names: tuple[str, ...], example: str) -> tuple[str, ...]:
+    """The techniques offered, `names` (empty: all), and those an example the agent is shown
+    imports (`from techniques import ...`): an agent shown it must be shown their signatures too."""
+    if not names:
+        return names
+    taught = {name.strip() for line in re.findall(r"from techniques import ([\w, ]+)", example) for name in line.split(",")}
+    return tuple(names) + tuple(sorted(taught - set(names)))
 
 
 def prompt(exp: Experiment, server: dict) -> str:
@@ -298,8 +301,8 @@ def prompt(exp: Experiment, server: dict) -> str:
     if exp.research_tips:
         parts.append((PROMPT_DIR / "research_tips.md").read_text().rstrip())
     parts.append(f"## Your task\n\n{exp.task}")
-    names = set(exp.techniques or exp.sae and techniques.SAE_TECHNIQUES or ())
-    offered = [fn for fn in techniques.TECHNIQUES if fn.__name__ in (names | taught(base) if names else names)]
+    names = with_taught(tuple(exp.techniques or exp.sae and techniques.SAE_TECHNIQUES or ()), base)
+    offered = [fn for fn in techniques.TECHNIQUES if fn.__name__ in names]
     if offered:
         lines = ["## Techniques ready to use", "",
                  "`from techniques import NAME`, then `client.run(NAME, ...)` with the arguments below "

@@ -383,8 +383,8 @@ class Scribe:
             experiment.check_inputs(exp)
             self.spec = experiment.model_spec(exp, self.spec)
             # what init_session's base-model example uses is offered with the rest: its signature is listed
-            self.offered = exp.techniques + tuple(sorted(experiment.taught(BASE_MODEL_NOTE) - set(exp.techniques))) \
-                if exp.techniques and (self.spec.adapter or self.spec.base_model) else exp.techniques
+            self.offered = experiment.with_taught(
+                exp.techniques, BASE_MODEL_NOTE if self.spec.adapter or self.spec.base_model else "")
         self.mode = args.mode
         if args.worker_socket and not gpu.worker_serves(args.worker_socket):
             raise ValueError(f"--worker-socket {args.worker_socket}: no model worker answers there (start it first; "
