@@ -19,6 +19,7 @@ Inspect is an optional install (`pip install -e '.[audit]'`); the rest of Scribe
 module except `scribe_mcp.py audit`, which says how to install Inspect when it is missing.
 """
 
+import contextlib
 import csv
 import json
 import math
@@ -80,22 +81,23 @@ class Workers:
     weights and their batched passes.
 
     Each gets `threads` CPU threads; the runs' servers attach to it (--worker-socket) and start
-    only kernels, with one thread each. With mode "modal" there are none: every run's server
-    sends its calls to Modal.
+    only kernels, with one thread each. With mode "modal" each is a gpu.Relay instead: the same
+    socket and bindings, every call sent to the base's one Modal class ("modal-dry-run": that
+    class runs in the relay's process), so kernels hold no Modal credentials.
     """
 
     def __init__(self, mode: str = "local", threads: int = 0, max_call: float = 600):
         self.mode, self.max_call = mode, max_call
-        self.env = gpu.child_env("local", gpu.WORKER_SECRETS, [], threads)
+        self.relay = mode if mode.startswith("modal") else ""
+        self.env = gpu.child_env("modal" if self.relay else "local",
+                                 gpu.KERNEL_SECRETS if self.relay else gpu.WORKER_SECRETS, [], threads)
         self.runtime = Path(tempfile.mkdtemp(prefix=f"scribe-{os.getpid()}-"))  # removed with its owner
         self._lock = threading.Lock()
-        self._started: dict[Path, gpu.WorkerSupervisor] = {}
+        self._started: dict[gpu.ModelSpec, gpu.WorkerSupervisor] = {}
 
     def server_args(self, exp: experiment.Experiment) -> list[str]:
         """The flags a run's server gets; starts the experiment's worker and waits until it serves
         (or raises its start error, which hides an experiment's secrets)."""
-        if self.mode == "modal":
-            return ["--mode", "modal"]
         spec = experiment.model_spec(exp)
         # The organism and its alias are the run's binding; under any alias the worker hides the names.
         base = replace(spec, adapter="", alias="model" if spec.alias else "")
@@ -105,7 +107,8 @@ class Workers:
                 socket_path = str(self.runtime / f"worker-{len(self._started)}.sock")
                 # pristine: a run that edits the weights in place restarts the worker (and so every organism
                 # on it: the runs bound to it bind again), so no other run sees the edit
-                worker = gpu.WorkerSupervisor(base, socket_path, self.env, max_call=self.max_call, pristine=True)
+                worker = gpu.WorkerSupervisor(base, socket_path, self.env, max_call=self.max_call, pristine=True,
+                                              relay=self.relay)
                 worker.ensure()
                 self._started[base] = worker
         gpu.connect_worker(None, worker.socket_path, os.getpid()).close()
@@ -114,8 +117,14 @@ class Workers:
     @property
     def served(self) -> str:
         """What served the runs, for the report."""
-        if self.mode == "modal":
-            return "each run's calls went to Modal"
+        if self.relay:
+            containers = set()
+            for worker in self._started.values():
+                with contextlib.suppress(OSError, ValueError), open(worker.socket_path + ".containers.json") as f:
+                    containers.update(json.load(f))
+            return (f"{len(self._started)} Modal class instance(s), one per base model, in {len(containers)} "
+                    f"container(s){' (dry run: on this machine)' if self.relay.endswith('dry-run') else ''}; every "
+                    "organism of a base was an adapter in its containers")
         return (f"{len(self._started)} model worker(s), one per base model; every organism of a base was an adapter "
                 "on its worker")
 

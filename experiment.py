@@ -339,8 +339,9 @@ def audit_parser():
                         "for (default %(default)s)")
     p.add_argument("--judge-model", help="an Inspect model that grades each conclusion against the ground truth "
                                          "(default: the experiment's expect keywords only)")
-    p.add_argument("--mode", choices=("local", "modal"), default="local",
-                   help="where the model workers run: this machine, or Modal GPUs (see README)")
+    p.add_argument("--mode", choices=("local", "modal", "modal-dry-run"), default="local",
+                   help="where the model workers run: this machine, or Modal GPUs, one class per base model serving "
+                        "its every organism (see README); modal-dry-run runs that class on this machine (.local())")
     p.add_argument("--out", help="a new folder for notebooks, logs and reports (default audits/<date-time>)")
     return p
 

@@ -1186,6 +1186,14 @@ def describe_exception(exc: BaseException) -> dict:
 _HEADER = struct.Struct("!Q")
 
 
+def write_json(path: str, value: Any) -> None:
+    """Replace a file beside the worker's socket at once: its readers never see half of it."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+
+
 def send_msg(sock: socket.socket, msg: dict) -> None:
     data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
     sock.sendall(_HEADER.pack(len(data)) + data)
@@ -1328,10 +1336,7 @@ class Worker:
             profile = measure_speed(self.executor.model, self.executor.tokenizer)
             profile["cold_start"] = {**self.executor.timings,
                                      "speed measurement (after serving)": round(time.perf_counter() - start, 3)}
-            tmp = f"{self.socket_path}.profile.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(profile, f)
-            os.replace(tmp, self.socket_path + ".profile.json")
+            write_json(self.socket_path + ".profile.json", profile)
 
     def _next(self) -> _Call:
         """The oldest call of the session served least recently (under self.ready)."""
@@ -1381,10 +1386,7 @@ class Worker:
                 return {"ok": False, "type": type(exc).__name__, "message": hide(str(exc), self.executor.secrets),
                         "traceback": ""}
             bindings[token] = {"adapter": adapter, "alias": alias}
-        tmp = f"{self.socket_path}.bindings.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(bindings, f)
-        os.replace(tmp, self.socket_path + ".bindings.json")
+        write_json(self.socket_path + ".bindings.json", bindings)
         return {"ok": True, "token": token, "organisms": self.executor.organisms.loaded}
 
     def _bindings(self) -> dict:
@@ -1532,10 +1534,11 @@ class WorkerDiedError(RuntimeError):
 
 
 def start_worker(spec: ModelSpec, socket_path: str, owner_pid: int, env: dict | None = None,
-                 max_call: float = 0, pristine: bool = False) -> subprocess.Popen:
+                 max_call: float = 0, pristine: bool = False, relay: str = "") -> subprocess.Popen:
     """Spawn a worker process (no waiting). It exits by itself when owner_pid exits; `max_call`
     seconds (0: none) bound every call whatever timeout its client asks for; `pristine` makes it
-    restart after a call that edited the weights in place (see Worker).
+    restart after a call that edited the weights in place (see Worker). `relay` "modal" (or
+    "modal-dry-run": the Modal class in the relay's process) starts a Relay instead.
 
     The spec travels on stdin, not argv or the environment: /proc/PID/cmdline and environ are
     readable by anyone running as the same user, and the spec may name a hidden model.
@@ -1549,7 +1552,7 @@ def start_worker(spec: ModelSpec, socket_path: str, owner_pid: int, env: dict | 
     with open(socket_path + ".log", "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--socket", socket_path, "--owner", str(owner_pid),
-             "--max-call", str(max_call), *(["--pristine"] if pristine else [])],
+             "--max-call", str(max_call), *(["--pristine"] if pristine else []), *(["--relay", relay] if relay else [])],
             stdin=subprocess.PIPE, stdout=log, stderr=log, env=env,
             start_new_session=True,  # Ctrl-C in the user's terminal is not meant for the worker
         )
@@ -1576,6 +1579,9 @@ def worker_serves(socket_path: str) -> bool:
     return sock is not None
 
 
+UNSERVED = "the model worker could not serve this organism: "
+
+
 def bind_organism(socket_path: str, adapter: str = "", alias: str = "", unbind: str = "",
                   timeout: float = WORKER_START_TIMEOUT) -> str:
     """Bind a session's organism on the shared worker at socket_path (a server does this for its
@@ -1593,7 +1599,7 @@ def bind_organism(socket_path: str, adapter: str = "", alias: str = "", unbind: 
         while (msg := recv_msg(sock))["op"] != "result":
             pass
     if not msg.get("ok"):
-        raise ValueError(f"the model worker could not serve this organism: {msg.get('message')}")
+        raise ValueError(UNSERVED + str(msg.get("message")))
     return msg["token"]
 
 
@@ -1663,8 +1669,10 @@ class WorkerSupervisor:
     runs with the server's chosen environment (e.g. HF_TOKEN) that kernels never see.
     """
 
-    def __init__(self, spec: ModelSpec, socket_path: str, env: dict, max_call: float = 0, pristine: bool = False):
+    def __init__(self, spec: ModelSpec, socket_path: str, env: dict, max_call: float = 0, pristine: bool = False,
+                 relay: str = ""):
         self.spec, self.socket_path, self.env, self.max_call, self.pristine = spec, socket_path, env, max_call, pristine
+        self.relay = relay  # see start_worker
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._closed = False
@@ -1678,7 +1686,8 @@ class WorkerSupervisor:
                 os.unlink(self.socket_path + ".error")
             log = self.socket_path + ".log"
             start = os.path.getsize(log) if os.path.exists(log) else 0
-            self._proc = start_worker(self.spec, self.socket_path, os.getpid(), self.env, self.max_call, self.pristine)
+            self._proc = start_worker(self.spec, self.socket_path, os.getpid(), self.env, self.max_call, self.pristine,
+                                      self.relay)
             threading.Thread(target=self._watch, args=(self._proc, start), daemon=True).start()
 
     def running(self) -> bool:
@@ -1761,6 +1770,7 @@ class ModalConfig:
     volume: str = "scribe-hf-cache"  # a Modal Volume for the Hugging Face cache: weights download once
     secret: str = ""  # a Modal Secret with HF_TOKEN, for gated models
     deployed: bool = False  # use the app from `modal deploy gpu.py::app` instead of an ephemeral one
+    max_inputs: int = 32  # calls one container takes at once: they queue, take turns and merge as in a local worker
 
     @classmethod
     def from_env(cls, **overrides) -> ModalConfig:
@@ -1773,6 +1783,7 @@ class ModalConfig:
 
 
 MODAL_ADAPTER = "/root/scribe-adapter"  # where a local adapter folder goes in the container image
+MODAL_HF_CACHE = "/root/.cache/huggingface"  # the Volume's mount point: weights, and organisms a relay uploads
 
 
 def modal_image(adapter_dir: str = ""):
@@ -1790,17 +1801,65 @@ def modal_image(adapter_dir: str = ""):
     return image.add_local_dir(adapter_dir, MODAL_ADAPTER) if adapter_dir else image
 
 
+class _ContainerWorker:
+    """Inside a Modal container: a worker process (section 5) that the container's concurrent
+    inputs call as local clients, so their calls queue, take turns and merge into batched passes
+    (each row with its own organism) exactly as on one machine."""
+
+    def __init__(self, spec: ModelSpec):
+        self.runtime = tempfile.mkdtemp(prefix="scribe-modal-")
+        self.socket_path = os.path.join(self.runtime, "worker.sock")
+        self.supervisor = WorkerSupervisor(spec, self.socket_path, dict(os.environ), pristine=True)
+        self.supervisor.ensure()
+        connect_worker(None, self.socket_path, os.getpid()).close()  # serving before the first input
+        self.tokens: dict[tuple[str, str], str] = {}
+        self._binding = threading.Lock()
+
+    def call(self, payload: bytes, timeout: float, organism: str, alias: str, who: str) -> dict:
+        output: list[tuple[str, str]] = []
+        try:
+            token = self._token(organism, alias)
+        except (ValueError, WorkerDiedError) as exc:  # a missing adapter, or one of another base
+            return {"ok": False, "type": type(exc).__name__, "message": str(exc), "traceback": "", "output": output}
+        backend = LocalBackend(None, self.socket_path, os.getpid(), who=who, organism=token)
+        try:
+            reply = backend.call(payload, timeout, lambda stream, text: output.append((stream, text)))
+        finally:
+            backend.close()
+        profile = None  # what the container's worker measured at load: a relay shows it to its sessions
+        with contextlib.suppress(OSError, ValueError), open(self.socket_path + ".profile.json") as f:
+            profile = json.load(f)
+        return {**{k: v for k, v in reply.items() if k not in ("op", "id")}, "output": output, "profile": profile,
+                "container": os.environ.get("MODAL_TASK_ID") or f"local-{os.getpid()}"}
+
+    def _token(self, organism: str, alias: str) -> str:
+        if not (organism or alias):
+            return ""  # the container's own model
+        with self._binding:
+            key = (organism, alias)
+            if key not in self.tokens:
+                self.tokens[key] = bind_organism(self.socket_path, organism, alias)
+            return self.tokens[key]
+
+    def stop(self) -> None:
+        self.supervisor.stop(wait=5)
+        shutil.rmtree(self.runtime, ignore_errors=True)
+
+
 def modal_app(config: ModalConfig, adapter_dir: str = ""):
-    """Build the Modal app and its model class (nothing is contacted until it runs)."""
+    """Build the Modal app and its model class (nothing is contacted until it runs). One class
+    instance per base model (its `spec_json`) serves every organism of that base: a call names
+    the organism's adapter as the container reads it, and `max_inputs` calls run at once."""
     import modal
 
     app = modal.App(config.app_name)
     volume = modal.Volume.from_name(config.volume, create_if_missing=True)
 
-    @app.cls(image=modal_image(adapter_dir), gpu=config.gpu, volumes={"/root/.cache/huggingface": volume},
+    @app.cls(image=modal_image(adapter_dir), gpu=config.gpu, volumes={MODAL_HF_CACHE: volume},
              secrets=[modal.Secret.from_name(config.secret)] if config.secret else [],
              timeout=config.timeout, scaledown_window=config.scaledown_window,
              min_containers=config.min_containers, serialized=True)
+    @modal.concurrent(max_inputs=config.max_inputs)
     class ScribeModel:
         spec_json = modal.parameter()
         # Modal reads the parameter's type at runtime; this module's annotations are postponed strings.
@@ -1808,13 +1867,17 @@ def modal_app(config: ModalConfig, adapter_dir: str = ""):
 
         @modal.enter()
         def load(self):  # once per container: the model stays loaded across calls
-            self.executor = load_executor(ModelSpec.from_json(self.spec_json))
+            self.worker = _ContainerWorker(ModelSpec.from_json(self.spec_json))
 
         @modal.method()
-        def run(self, payload: bytes) -> dict:
-            output: list[tuple[str, str]] = []
-            reply = self.executor.execute(payload, lambda stream, text: output.append((stream, text)))
-            return {**reply, "output": output}
+        def run(self, payload: bytes, timeout: float, organism: str = "", alias: str = "", who: str = "") -> dict:
+            if organism.startswith(MODAL_HF_CACHE) and not os.path.exists(organism):
+                volume.reload()  # uploaded by a relay after this container mounted the Volume
+            return self.worker.call(payload, timeout, organism, alias, who)
+
+        @modal.exit()
+        def stop(self):
+            self.worker.stop()
 
     return app, ScribeModel
 
@@ -1837,6 +1900,7 @@ class ModalBackend:
         self.model_name = f"{spec.display_name} on Modal {config.gpu}" + (" (dry run)" if dry_run else "")
         self._instance = None
         self._app_run = None
+        self._entering, self._entered = threading.Lock(), False
 
     def connect(self) -> None:
         if self._instance is not None:
@@ -1855,33 +1919,174 @@ class ModalBackend:
         except modal.exception.AuthError:
             raise RuntimeError(MODAL_LOGIN) from None
 
-    def call(self, payload: bytes, timeout: float, on_output: Callable[[str, str], None]) -> dict:
+    def call(self, payload: bytes, timeout: float, on_output: Callable[[str, str], None], organism: str = "",
+             alias: str = "", who: str = "", cancelled: threading.Event | None = None) -> dict:
+        """Run one call in the container; `organism`/`alias` (a relay's binding) pick the adapter it
+        runs with. `cancelled` set while it runs cancels it on Modal (a dry run cannot be interrupted)."""
         self.connect()
         import modal
 
+        args = (payload, timeout, organism, alias, who)
         try:
             if self.dry_run:
                 with warnings.catch_warnings():  # "executing locally, no Volume": expected here
                     warnings.simplefilter("ignore", UserWarning)
-                    reply = self._instance.run.local(payload)
+                    with self._entering:
+                        if not self._entered:  # Modal enters a local class on its first call, not thread-safely
+                            self._instance.run.local(dumps_call(_ready, (), {}), timeout)
+                            self._entered = True
+                    reply = self._instance.run.local(*args)
             else:
-                pending = self._instance.run.spawn(payload)
-                try:
-                    reply = pending.get(timeout=timeout)
-                except (TimeoutError, modal.exception.TimeoutError):
-                    pending.cancel()
-                    raise TimeoutError(f"the call timed out after {timeout:g}s and was cancelled on Modal") from None
+                reply = self._wait(self._instance.run.spawn(*args), timeout, cancelled)
         except modal.exception.AuthError:
             raise RuntimeError(MODAL_LOGIN) from None
         for stream, text in reply.pop("output", []):
             on_output(stream, text)
         return reply
 
+    @staticmethod
+    def _wait(pending, timeout: float, cancelled: threading.Event | None) -> dict:
+        import modal
+
+        deadline = time.monotonic() + timeout + CANCEL_GRACE + 10  # the container times the call out first
+        while True:
+            try:
+                return pending.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            except (TimeoutError, modal.exception.TimeoutError):
+                if cancelled is not None and cancelled.is_set():
+                    pending.cancel()
+                    return _cancelled_reply()
+                if time.monotonic() >= deadline:
+                    pending.cancel()
+                    raise TimeoutError(f"the call timed out after {timeout:g}s and was cancelled on Modal") from None
+
     def close(self) -> None:
         if self._app_run is not None:
             self._app_run.__exit__(None, None, None)
             self._app_run = None
         self._instance = None
+
+
+def _ready(model, tokenizer) -> bool:
+    """A call that only proves the model (and a binding's organism) loads."""
+    return True
+
+
+class Relay:
+    """A worker socket whose calls run on Modal. `audit --mode modal` starts one per base model: the
+    runs' servers bind their organisms and their kernels call it exactly as a local worker, holding
+    neither Modal credentials nor adapter paths, and every call goes to the base's one Modal class
+    as a concurrent input, so calls of different runs and organisms merge in the container. A
+    binding is checked at once (the container loads the organism), so a missing adapter or one of
+    another base is refused when the server binds, as locally."""
+
+    def __init__(self, spec: ModelSpec, socket_path: str, owner_pid: int, max_call: float = 0, dry_run: bool = False):
+        self.spec, self.socket_path, self.owner_pid = spec, socket_path, owner_pid
+        self.backend = ModalBackend(spec, ModalConfig.from_env(), dry_run)
+        self.max_call = max_call or self.backend.config.timeout
+        # token -> (adapter as the container reads it, alias); kept beside the socket for a restarted relay
+        self.bindings: dict[str, tuple[str, str]] = {}
+        with contextlib.suppress(OSError, ValueError), open(socket_path + ".bindings.json") as f:
+            self.bindings = {token: tuple(binding) for token, binding in json.load(f).items()}
+        self.containers: set[str] = set()
+        self._lock = threading.Lock()
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        threading.Thread(target=self._watch_owner, daemon=True).start()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            server.bind(self.socket_path)
+        finally:
+            os.umask(old_umask)
+        server.listen(64)
+        print(f"[scribe relay] {self.backend.model_name}: serving", file=sys.stderr, flush=True)
+        while True:
+            sock, _ = server.accept()
+            threading.Thread(target=self._read, args=(_Conn(sock),), daemon=True).start()
+
+    def _watch_owner(self) -> None:
+        while pid_alive(self.owner_pid):
+            time.sleep(1)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        os._exit(0)
+
+    def _read(self, conn: _Conn) -> None:
+        conn.send({"op": "hello", "pid": os.getpid(), "model": self.spec.display_name})
+        cancels: dict[int, threading.Event] = {}
+        with contextlib.suppress(ConnectionError, OSError, EOFError):
+            while True:
+                msg = recv_msg(conn.sock)
+                if msg["op"] == "bind":
+                    conn.send({"op": "result", "id": msg["id"], **self._bind(msg)})
+                elif msg["op"] == "call":
+                    cancels[msg["id"]] = threading.Event()
+                    threading.Thread(target=self._call, args=(conn, msg, cancels[msg["id"]]), daemon=True).start()
+                elif msg["op"] == "cancel" and msg["id"] in cancels:
+                    cancels[msg["id"]].set()
+        for event in cancels.values():  # the client went away: its calls are of no use to anyone
+            event.set()
+
+    def _bind(self, msg: dict) -> Reply:
+        if msg.get("unbind"):
+            with self._lock:
+                self.bindings.pop(msg["unbind"], None)
+                write_json(self.socket_path + ".bindings.json", self.bindings)
+            return {"ok": True, "token": ""}
+        binding = (self._ship(str(msg.get("adapter") or "")), str(msg.get("alias") or ""))
+        try:
+            reply = self.backend.call(dumps_call(_ready, (), {}), WORKER_START_TIMEOUT, lambda *_: None, *binding)
+        except Exception as exc:  # noqa: BLE001 - not logged in, no network: the binding server says why
+            reply = {"ok": False, "message": str(exc)}
+        if not reply.get("ok"):  # bind_organism, in the container or here, says what could not be served
+            message = reply.get("message", "").removeprefix(UNSERVED)
+            return {"ok": False, "type": "ValueError", "message": message, "traceback": ""}
+        token = os.urandom(16).hex()
+        with self._lock:
+            self.bindings[token] = binding
+            write_json(self.socket_path + ".bindings.json", self.bindings)
+        return {"ok": True, "token": token}
+
+    def _ship(self, adapter: str) -> str:
+        """The adapter as the container reads it: a local folder's weights go to the Volume once,
+        under their content hash (recipes and rates stay here); a hub id is fetched there."""
+        if not adapter or self.backend.dry_run or not Path(adapter).is_dir():
+            return adapter
+        import modal
+
+        files = sorted(p for p in Path(adapter).iterdir() if p.name.startswith("adapter_"))
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:16]
+        volume = modal.Volume.from_name(self.backend.config.volume, create_if_missing=True)
+        with volume.batch_upload(force=True) as batch:
+            for path in files:
+                batch.put_file(str(path), f"/scribe-organisms/{digest}/{path.name}")
+        return f"{MODAL_HF_CACHE}/scribe-organisms/{digest}"
+
+    def _call(self, conn: _Conn, msg: dict, cancelled: threading.Event) -> None:
+        conn.send({"op": "started", "id": msg["id"]})
+        with self._lock:
+            binding = self.bindings.get(msg.get("organism") or "", ("", ""))
+        if msg.get("organism") and msg["organism"] not in self.bindings:
+            reply = {"ok": False, "type": "RuntimeError", "traceback": "",
+                     "message": "this session's organism is not bound here (its server closed)"}
+        else:
+            try:
+                reply = self.backend.call(msg["payload"], self.max_call, lambda stream, text: conn.send(
+                    {"op": "out", "id": msg["id"], "stream": stream, "text": text}), *binding,
+                    who=msg.get("who") or "", cancelled=cancelled)
+            except Exception as exc:  # noqa: BLE001 - Modal unreachable or the call timed out there
+                reply = describe_exception(exc)
+        profile = reply.pop("profile", None)
+        if profile and not os.path.exists(self.socket_path + ".profile.json"):
+            write_json(self.socket_path + ".profile.json", profile)
+        if reply.get("container"):
+            with self._lock:
+                self.containers.add(reply.pop("container"))
+                write_json(self.socket_path + ".containers.json", sorted(self.containers))
+        with contextlib.suppress(OSError):
+            conn.send({"op": "result", "id": msg["id"], **reply})
 
 
 # ---------------------------------------------------------------------------
@@ -2343,9 +2548,13 @@ def _worker_main(argv: list[str]) -> None:
     parser.add_argument("--owner", type=int, required=True)
     parser.add_argument("--max-call", type=float, default=0, help="seconds any one call may run (0: no bound)")
     parser.add_argument("--pristine", action="store_true", help="restart after a call that edited weights in place")
+    parser.add_argument("--relay", choices=("modal", "modal-dry-run"), help="forward every call to Modal (Relay)")
     args = parser.parse_args(argv)
     spec = ModelSpec.from_json(sys.stdin.readline())  # see start_worker: never in argv
-    Worker(spec, args.socket, args.owner, args.max_call, args.pristine).serve()
+    if args.relay:
+        Relay(spec, args.socket, args.owner, args.max_call, dry_run=args.relay == "modal-dry-run").serve()
+    else:
+        Worker(spec, args.socket, args.owner, args.max_call, args.pristine).serve()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import json
 import os
 import re
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,58 @@ def test_past_its_bound_the_least_recently_used_free_organism_is_evicted_and_loa
             reply = executor.execute(gpu.dumps_call(fn, (), kwargs), lambda *_: None, token)
             assert reply["ok"], reply
             same(gpu.loads_result(reply["value"]), alone(adapter, fn, **kwargs))
+
+
+def test_modal_one_class_per_base_merges_organisms_in_the_container(zoo_worker, tmp_path):
+    """`audit --mode modal`'s relay, with the Modal class run locally (.local(), the network
+    boundary): sessions bound to two organisms and the base call it as a local worker, their calls
+    reach the base's one class as concurrent inputs and merge in its container into one generate,
+    each equal to its organism alone; a binding the container cannot serve is refused at once."""
+    _, _, _, (preference, triggered) = zoo_worker
+    socket_path = str(tmp_path / "relay.sock")
+
+    def hold_until_queued(model, tokenizer, n: int, started: str) -> int:  # in the container's worker (by value)
+        import gc
+        import time
+
+        open(started, "w").close()
+        worker = next(o for o in gc.get_objects() if type(o).__name__ == "Worker")
+        deadline = time.monotonic() + 300
+        while len(worker.queue) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return len(worker.queue)
+
+    relay = gpu.WorkerSupervisor(gpu.ModelSpec(alias="model"), socket_path,
+                                 gpu.child_env("modal", gpu.KERNEL_SECRETS, [], 1), relay="modal-dry-run")
+    relay.ensure()
+    try:
+        gpu.connect_worker(None, socket_path, os.getpid()).close()
+        tokens = [gpu.bind_organism(socket_path, preference, "model_z1"),
+                  gpu.bind_organism(socket_path, triggered, "model_z2"), gpu.bind_organism(socket_path, "", "model_c1")]
+        with pytest.raises(ValueError, match=r"^the model worker could not serve this organism: Can't find"):
+            gpu.bind_organism(socket_path, str(tmp_path / "no-such-organism"))
+        kwargs = {"prompt": ASKED[:1], "max_new_tokens": 10}
+        started = tmp_path / "held"
+        calls = [("", hold_until_queued, {"n": 3, "started": str(started)})] + [(t, T.generate_text, kwargs)
+                                                                               for t in tokens]
+        replies: dict[int, dict] = {}
+
+        def send(i, token, fn, kw):
+            backend = gpu.LocalBackend(None, socket_path, os.getpid(), who=f"run {i}", organism=token)
+            replies[i] = backend.call(gpu.dumps_call(fn, (), kw), 600, lambda *_: None)
+
+        threads = [threading.Thread(target=send, args=(i, *call)) for i, call in enumerate(calls)]
+        threads[0].start()
+        while not started.exists() and threads[0].is_alive():  # the model is held: the others queue behind it
+            time.sleep(0.02)
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join(600)
+        assert replies[0].get("ok") and gpu.loads_result(replies[0]["value"]) == 3, replies[0]
+        for i, adapter in enumerate((preference, triggered, ""), 1):
+            assert replies[i]["ok"] and replies[i]["shared"] == 3 and replies[i]["models"] == 3, replies[i]
+            assert gpu.loads_result(replies[i]["value"]) == alone(adapter, T.generate_text, **kwargs)
+        assert len(json.loads(Path(socket_path + ".containers.json").read_text())) == 1
+    finally:
+        relay.stop(wait=5)
