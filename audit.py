@@ -94,6 +94,8 @@ class Workers:
         self.runtime = Path(tempfile.mkdtemp(prefix=f"scribe-{os.getpid()}-"))  # removed with its owner
         self._lock = threading.Lock()
         self._started: dict[gpu.ModelSpec, gpu.WorkerSupervisor] = {}
+        self.containers: set[str] = set()
+        self._served: set[tuple[str, str]] = set()  # organisms (adapter, alias) a worker was seen to serve
 
     def server_args(self, exp: experiment.Experiment) -> list[str]:
         """The flags a run's server gets; starts the experiment's worker and waits until it serves
@@ -112,25 +114,35 @@ class Workers:
                 worker.ensure()
                 self._started[base] = worker
         gpu.connect_worker(None, worker.socket_path, os.getpid()).close()
+        if (spec.adapter, spec.alias) not in self._served:
+            # the run's server binds it too; an organism the worker cannot serve (or Modal refusing the relay)
+            # fails the run here, saying why, not as a server that died before speaking MCP
+            token = gpu.bind_organism(worker.socket_path, spec.adapter, spec.alias)
+            gpu.bind_organism(worker.socket_path, unbind=token)
+            self._served.add((spec.adapter, spec.alias))
         return ["--worker-socket", worker.socket_path, "--threads", "1"]
 
     @property
     def served(self) -> str:
         """What served the runs, for the report."""
         if self.relay:
-            containers = set()
-            for worker in self._started.values():
-                with contextlib.suppress(OSError, ValueError), open(worker.socket_path + ".containers.json") as f:
-                    containers.update(json.load(f))
-            return (f"{len(self._started)} Modal class instance(s), one per base model, in {len(containers)} "
+            return (f"{len(self._started)} Modal class instance(s), one per base model, in {len(self._containers())} "
                     f"container(s){' (dry run: on this machine)' if self.relay.endswith('dry-run') else ''}; every "
                     "organism of a base was an adapter in its containers")
         return (f"{len(self._started)} model worker(s), one per base model; every organism of a base was an adapter "
                 "on its worker")
 
+    def _containers(self) -> set[str]:
+        """The Modal containers the relays' calls ran in (each relay writes them beside its socket)."""
+        for worker in self._started.values():
+            with contextlib.suppress(OSError, ValueError), open(worker.socket_path + ".containers.json") as f:
+                self.containers.update(json.load(f))
+        return self.containers
+
     def stop(self) -> None:
         for worker in self._started.values():
             worker.stop(wait=5)
+        self._containers()  # before their files go
         shutil.rmtree(self.runtime, ignore_errors=True)
 
 

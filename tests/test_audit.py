@@ -152,10 +152,11 @@ def test_ctrl_c_stops_the_runs_keeps_every_notebook_and_prints_the_partial_table
         assert "working" in printed and "worker pid" in printed, printed
 
 
-def test_inspect_eval_runs_the_same_task_and_modal_mode_starts_no_local_worker(tmp_path, monkeypatch):
+def test_inspect_eval_runs_the_same_task_and_modal_mode_sends_the_runs_to_one_class_per_base(tmp_path, monkeypatch):
     """Inspect loads audit.py as `inspect eval audit.py -T ...` does; a run out of calls (turn
-    limit) is scored on its last words. --mode modal: the runs' servers send calls to Modal (here
-    refused at the login check, the network boundary) and no worker starts here."""
+    limit) is scored on its last words. --mode modal: the runs bind and call a relay that sends
+    their calls to the base's Modal class; refused here at the login check (the network boundary),
+    which fails the run saying so; modal-dry-run runs that class on this machine end to end."""
     from inspect_ai import eval as inspect_eval
 
     monkeypatch.chdir(ROOT)  # Inspect finds tasks by a path relative to the working folder
@@ -167,20 +168,21 @@ def test_inspect_eval_runs_the_same_task_and_modal_mode_starts_no_local_worker(t
     assert list((tmp_path / "nb" / "exp-1" / "run-1").glob("*.ipynb"))
 
     cell = "from gpu import InterpClient\nclient = InterpClient()\nprint(client.run(lambda model, tokenizer: 1))\n"
-    workers = audit.Workers("modal")
-    assert workers.server_args(experiment.load(HIDDEN)) == ["--mode", "modal"] and not workers._started
-    out = tmp_path / "modal"
-    env_before = dict(os.environ)
-    os.environ.update({"MODAL_TOKEN_ID": "", "MODAL_TOKEN_SECRET": "", "MODAL_CONFIG_PATH": str(tmp_path / "none")})
-    try:
-        code = audit.main([str(HIDDEN), "--mode", "modal", "--out", str(out)],
-                          model=scripted_auditor.model(cell=cell))
-    finally:
-        os.environ.clear()
-        os.environ.update(env_before)
-    assert code == 0
-    notebook, = out.glob("exp-1/run-1/*.ipynb")
-    assert "Modal is not logged in" in json.dumps(nbformat.read(notebook, as_version=4).cells[0].outputs)
+    monkeypatch.setenv("MODAL_TOKEN_ID", "")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "")
+    monkeypatch.setenv("MODAL_CONFIG_PATH", str(tmp_path / "none"))
+    for mode in ("modal", "modal-dry-run"):
+        out = tmp_path / mode
+        assert audit.main([str(HIDDEN), "--mode", mode, "--out", str(out)], model=scripted_auditor.model(cell=cell)) == 0
+        report = (out / "report.md").read_text()
+        assert "Served by 1 Modal class instance(s), one per base model" in report, report
+        if mode == "modal":
+            sample, = read_log(out).samples
+            assert "Modal is not logged in" in sample.error.message and "| 0/0 |" in report, report
+        else:
+            assert "in 1 container(s) (dry run: on this machine)" in report and "| 1/1 |" in report, report
+            notebook, = out.glob("exp-1/run-1/*.ipynb")
+            assert nbformat.read(notebook, as_version=4).cells[0].outputs[0]["text"] == "1\n"
 
 
 @pytest.mark.parametrize("agent", AGENTS)
