@@ -87,6 +87,8 @@ async def batch(exps: list[Path], mode: str, tmp: Path) -> dict:
                 supervisors.append(gpu.WorkerSupervisor(experiment.model_spec(experiment.load(e)), socket_path, env))
                 supervisors[-1].ensure()
                 by_file[e] = ["--worker-socket", socket_path, "--threads", "1"]
+            for supervisor in supervisors:  # a server refuses a socket nobody serves yet
+                gpu.connect_worker(None, supervisor.socket_path, os.getpid()).close()
             args = [by_file[e] for e in exps]
         else:
             args = [[] for _ in exps]

@@ -16,7 +16,7 @@ random weights in SAELens's format); hidden-prompt logits equal plain text; the 
 (start -> init -> setup -> client.run -> a technique). Measures: each technique's time, the
 overhead of logit lens, activation patching, a trace and generation against the same work in
 plain transformers (the 1.56B model), K = 1, 2, 4, 16 sessions calling generate_text at once on
-one worker, and the worker's cold start step by step. Writes bench/gpu_results.json.
+one worker, K = 16 sessions bound to 8 random adapters on it, and the worker's cold start step by step. Writes bench/gpu_results.json.
 """
 
 from __future__ import annotations
@@ -84,17 +84,17 @@ def build(name: str, tokenizer_dir: Path, work: Path, device: str, dtype: str) -
     return out
 
 
-def build_adapter(model_dir: Path, work: Path) -> Path:
+def build_adapter(model_dir: Path, work: Path, seed: int = 1) -> Path:
     """A LoRA with random weights on both matrices (a freshly made LoRA changes nothing)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"],
                                       init_lora_weights=False))
-    out = work / f"{model_dir.name}-lora"
+    out = work / f"{model_dir.name}-lora{'' if seed == 1 else f'-{seed}'}"
     model.save_pretrained(out)
     return out
 
@@ -411,9 +411,40 @@ def concurrency(model_dir: Path, device: str, dtype: str, ks: list[int], calls: 
                 f"(mean batch {statistics.mean(shared):.1f})", rate, "/s", target=target, ok=ok)
             for b in backends:
                 b.close()
+        zoo(model_dir, spec, socket_path, payload, calls, base_rate, device, work, max(ks), max(2, max(ks) // 2))
     finally:
         proc.kill()
         proc.wait()
+
+
+def zoo(model_dir: Path, spec, socket_path: str, payload: bytes, calls: int, base_rate: float, device: str,
+        work: Path, k: int = 16, adapters: int = 8) -> None:
+    """K sessions bound to `adapters` random organisms (two sessions each) on the same worker: one
+    batched generate serves them all, each row with its own adapter."""
+    tokens = [gpu.bind_organism(socket_path, str(build_adapter(model_dir, work, seed)), f"model_{seed}")
+              for seed in range(2, 2 + adapters)]
+    backends = [gpu.LocalBackend(spec, socket_path, os.getpid(), who=f"session {i}", organism=tokens[i % adapters])
+                for i in range(k)]
+    models: list[int] = []
+
+    def session(b):
+        for _ in range(calls):
+            reply = b.call(payload, 600, lambda *_: None)
+            assert reply["ok"], reply
+            models.append(reply.get("models", 1))
+
+    threads = [threading.Thread(target=session, args=(b,)) for b in backends]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rate = k * calls / (time.perf_counter() - start)
+    for b in backends:
+        b.close()
+    row("sessions sharing one worker", f"K={k} sessions across {adapters} adapters, generate_text (64 tokens): "
+        f"calls/s (mean organisms per pass {statistics.mean(models):.1f})", rate, "/s",
+        target=">= 6x K=1" if k == 16 else "", ok=None if device == "cpu" or k != 16 else rate >= 6 * base_rate)
 
 
 # -- the hidden prompt and the MCP flow --------------------------------------------------------------

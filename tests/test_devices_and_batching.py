@@ -365,3 +365,4 @@ def test_the_gpu_check_runs_its_checks_on_a_cpu(tmp_path):
     assert {"logit lens, every layer", "activation patching, every layer x position", "worker spawn -> first reply",
             "nnsight wrap", "max |logit difference| vs the plain text"} <= names
     assert any(n.startswith("K=4 concurrent generate_text") for n in names)
+    assert any(n.startswith("K=4 sessions across 2 adapters") for n in names)  # the GPU run: K=16 across 8
