@@ -81,6 +81,11 @@ INTERRUPTED_WAIT = 3.0
 # A call queued behind another session's for this long says so in its cell (shorter waits are
 # normal when sessions take turns, and would only add noise).
 QUEUE_NOTICE = 1.0
+# A batchable call that finds the worker idle while other sessions are at work waits this long for
+# theirs: sessions answered by one batched pass send their next calls a few milliseconds apart,
+# and without the wait the first to arrive would run alone and the rest after it, out of step.
+MERGE_WAIT = 0.15
+RECENT = 30.0  # seconds: a session that called within this is at work
 # Trained artifacts (the SAE, organisms) are built on this many CPU threads on every machine: the
 # same recipe then gives the same weights bit for bit wherever the CPU's arithmetic is the same
 # (on other thread counts float sums are split otherwise, and 1,500 steps amplify the difference).
@@ -1276,6 +1281,7 @@ class Worker:
         self.ready = threading.Condition()
         self.running: list[_Call] = []
         self.turns: dict[str, int] = {}  # session -> when it was last served
+        self.seen: dict[str, float] = {}  # session -> the monotonic time it was last served
         self.executor: Executor | None = None
 
     def serve(self) -> None:
@@ -1309,6 +1315,8 @@ class Worker:
                         self.ready.wait()
                     call = self._next()
                     self.running = [call]
+                    if call.merge and not self.queue and self._others_at_work(call.session):
+                        self._gather(MERGE_WAIT)
             if call is None:
                 measured = True
                 self.executor.fingerprint()
@@ -1348,6 +1356,17 @@ class Worker:
     def _served(self, call: _Call) -> None:
         """Its session's turn is now the latest (under self.ready)."""
         self.turns[call.session] = max(self.turns.values(), default=0) + 1
+        self.seen[call.session] = time.monotonic()
+
+    def _others_at_work(self, session: str) -> bool:
+        now = time.monotonic()
+        return any(s != session and now - t < RECENT for s, t in self.seen.items())
+
+    def _gather(self, wait: float) -> None:
+        """Give other sessions' calls `wait` seconds to arrive and join the merged run (under self.ready)."""
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            self.ready.wait(left)
 
     def _start(self, call: _Call) -> None:
         call.conn.send({"op": "started", "id": call.id})
