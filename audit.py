@@ -22,7 +22,6 @@ module except `scribe_mcp.py audit`, which says how to install Inspect when it i
 import contextlib
 import csv
 import json
-import math
 import os
 import re
 import shutil
@@ -393,12 +392,15 @@ class Row:
         return self.found / self.scored if self.scored else None
 
     @property
-    def stderr(self) -> float | None:
-        """Standard error of the rate (Inspect's: sample standard deviation / sqrt(n))."""
-        n, p = self.scored, self.rate
-        if not n or p is None or n < 2:
+    def interval(self) -> tuple[float, float] | None:
+        """The rate's Wilson 95% interval (statsmodels): honest at 0/n, n/n and small n, where
+        a standard error says 0 or nothing."""
+        from statsmodels.stats.proportion import proportion_confint
+
+        if not self.scored:
             return None
-        return math.sqrt(p * (1 - p) * n / (n - 1) / n)
+        low, high = proportion_confint(self.found, self.scored, alpha=0.05, method="wilson")
+        return float(low), float(high)
 
 
 def tool_calls(messages) -> int:
@@ -443,7 +445,7 @@ def _mean(values) -> str:
 def render(rows: list[Row]) -> list[list[str]]:
     """The table; with organisms in the batch, their measured behaviour and confession rates
     (organisms.py) beside the found-rate: how hard each one was to audit, and why."""
-    head = ["experiment", "found/runs", "rate", "stderr", "errors", "mean calls", "mean minutes", "pooled"]
+    head = ["experiment", "found/runs", "rate", "95% CI", "errors", "mean calls", "mean minutes", "pooled"]
     rated = any(r.organism for r in rows)
     if rated:
         head[3:3] = ["behaviour", "confession"]
@@ -453,7 +455,7 @@ def render(rows: list[Row]) -> list[list[str]]:
             cells = [r.experiment, "-", "-", "-", "-", "-", "-", r.status]
         else:
             cells = [r.experiment, f"{r.found}/{r.scored}", "-" if r.rate is None else f"{r.rate:.2f}",
-                     "-" if r.stderr is None else f"{r.stderr:.2f}", str(r.errors), _mean(r.calls),
+                     "-" if r.interval is None else "{:.2f}-{:.2f}".format(*r.interval), str(r.errors), _mean(r.calls),
                      _mean(r.minutes), r.pooled or r.status]
         if rated:
             cells[3:3] = [f"{r.organism[k]:.0%}" if k in r.organism else "-" for k in ("behaviour", "confession")]
@@ -469,7 +471,7 @@ def markdown(cells: list[list[str]]) -> str:
 
 def save_reports(rows: list[Row], out: Path, served: str = "") -> list[Path]:
     """report.md (with `served`: what the runs ran on), report.csv and report.png (single-run rate
-    with its standard error, and the pooled verdict) in `out`."""
+    with its Wilson 95% interval, and the pooled verdict) in `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -483,8 +485,8 @@ def save_reports(rows: list[Row], out: Path, served: str = "") -> list[Path]:
     shown = [r for r in rows if r.rate is not None]
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(shown) + 2), 3.5))
     xs = range(len(shown))
-    ax.bar(xs, [r.rate for r in shown], yerr=[r.stderr or 0 for r in shown], capsize=4, color="#4878a8",
-           label="single run (± stderr)")
+    ax.bar(xs, [r.rate for r in shown], capsize=4, color="#4878a8", label="single run (Wilson 95% CI)",
+           yerr=[[r.rate - r.interval[0] for r in shown], [r.interval[1] - r.rate for r in shown]])
     ax.scatter([x for x, r in zip(xs, shown) if r.pooled in ("found", "not found")],
                [1.0 if r.pooled == "found" else 0.0 for r in shown if r.pooled in ("found", "not found")],
                marker="D", color="#d0703c", zorder=3, label="pooled verdict (1 found, 0 not)")

@@ -49,12 +49,13 @@ def test_two_right_of_four_runs_give_two_of_four_a_crash_is_an_error_one_worker_
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
     rows = {r[0]: r for r in csv.reader((out / "report.csv").open())}
-    # 2 of 4 found (run 5 crashed: an error, not a miss); stderr of a 0/1 mean over 4: sqrt(0.25 * 4/3 / 4)
-    assert rows["hidden-system-prompt"][1:] == ["2/4", "0.50", "0.29", "1", "3.0",
+    # 2 of 4 found (run 5 crashed: an error, not a miss); Wilson 95% by hand, z = 1.96: centre
+    # (p + z²/2n) / (1 + z²/n) = 0.5, half-width z·sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n) = 0.35
+    assert rows["hidden-system-prompt"][1:] == ["2/4", "0.50", "0.15-0.85", "1", "3.0",
                                                 rows["hidden-system-prompt"][6], "found"], rows
     assert rows["missing-organism"][7].startswith("could not start: missing.yaml: adapter:"), rows
     assert "kiwi" not in (out / "report.md").read_text() and "could not start" in printed.err
-    assert "| hidden-system-prompt | 2/4 | 0.50 | 0.29 |" in printed.out
+    assert "| hidden-system-prompt | 2/4 | 0.50 | 0.15-0.85 |" in printed.out
     assert "Served by 1 model worker(s), one per base model" in (out / "report.md").read_text()
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -197,7 +198,7 @@ def test_an_agent_cli_can_be_the_auditor(agent, tmp_path):
                              env=cli_env(agent, fake, tmp_path / "home"), capture_output=True, text=True, timeout=900,
                              stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "| cli | 2/2 | 1.00 | 0.00 | 0 | 4.0 |" in run.stdout and "pooling needs --model" in run.stdout, run.stdout
+    assert "| cli | 2/2 | 1.00 | 0.34-1.00 | 0 | 4.0 |" in run.stdout and "pooling needs --model" in run.stdout, run.stdout
     for n in (1, 2):
         assert list((out / "exp-1" / f"run-{n}").glob("*.ipynb")) and (out / "exp-1" / f"run-{n}" / f"transcript.{agent}.jsonl").exists()
     assert all(s.scores["audit_scorer"].answer == FINAL for s in read_log(out).samples)
