@@ -15,6 +15,7 @@ from .ablation import ablation
 from .activation_patching import activation_patching
 from .attention import attention_patterns
 from .attribution_patching import attribution_patching
+from .auditing import adapter_directions, amplify_adapter, sample_rates
 from ._arch import base_model
 from .diffing import compare_to_base, score_candidates
 from . import features
@@ -34,6 +35,7 @@ TECHNIQUES = [
     get_model_info, generate_text, analyze_token_probs, prefill_attack, logit_lens, activation_patching,
     attribution_patching, steering, steering_vector, attention_patterns, direct_logit_attribution, ablation,
     patchscope, extract_activations, train_probe, compare_to_base, score_candidates,
+    sample_rates, adapter_directions, amplify_adapter,
     sae_features, feature_examples, search_features, contrastive_features, steer_with_feature,
 ]
 # These need a sparse autoencoder served with the model: offered only where one is.

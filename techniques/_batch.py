@@ -29,6 +29,7 @@ class Generate:
     max_new_tokens: int
     temperature: float = 0.0
     base: bool = False
+    seed: int | None = None  # sampling from this seed (on a private RNG): reproduces for a call alone
 
     def __post_init__(self):  # checked in the caller's step: a bad call fails alone, never its batch
         if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
@@ -37,9 +38,11 @@ class Generate:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
 
     def key(self):
-        return ("generate", self.temperature)
+        return ("generate", self.temperature, self.seed if self.temperature > 0 else None)
 
 
 @dataclass(frozen=True)
@@ -255,9 +258,15 @@ def _generate(model, tokenizer, requests: list[Generate]) -> list[list[str]]:
     prompts = [p for r in requests for p in r.prompts]
     limits = [r.max_new_tokens for r in requests for _ in r.prompts]
     inputs = encode(model, tokenizer, prompts)
-    temperature = requests[0].temperature
+    temperature, seed = requests[0].temperature, requests[0].seed
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    with torch.no_grad():
+    device = inputs["input_ids"].device
+    seeded = temperature > 0 and seed is not None
+    # a private RNG: a seeded call neither depends on nor moves the RNG every other call draws from
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                                enabled=seeded):
+        if seeded:
+            torch.manual_seed(seed)
         out = raw(model).generate(**inputs, max_new_tokens=max(limits), pad_token_id=tokenizer.pad_token_id,
                                   **sampling)
     width = inputs["input_ids"].shape[1]
