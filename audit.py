@@ -368,6 +368,8 @@ class Row:
     errors: int = 0
     calls: list[int] = field(default_factory=list)
     minutes: list[float] = field(default_factory=list)
+    tokens: list[tuple[int, int]] = field(default_factory=list)  # each run's auditor (input, output) tokens
+    costs: list[float] = field(default_factory=list)  # each priced run's cost (Inspect's usage records)
     conclusions: list[str] = field(default_factory=list)
     interrupted: int = 0  # runs stopped by Ctrl-C: neither found nor missed
     pooled: str = ""  # "found", "not found", or why there is none
@@ -423,6 +425,10 @@ def table(log, exps, failed: dict[str, str]) -> list[Row]:
         row.conclusions.append(score.answer or "")
         row.calls.append(score.metadata.get("calls", 0))
         row.minutes.append((sample.total_time or 0.0) / 60)
+        usage = list((sample.model_usage or {}).values())
+        row.tokens.append((sum(u.input_tokens for u in usage), sum(u.output_tokens for u in usage)))
+        if any(u.total_cost is not None for u in usage):
+            row.costs.append(sum(u.total_cost or 0.0 for u in usage))
     for name, reason in failed.items():
         rows[name] = Row(name, note=f"could not start: {reason}")
     return list(rows.values())
@@ -438,25 +444,27 @@ async def pool(row: Row, exp: experiment.Experiment, model, judge_model) -> None
     row.pooled = "found" if (await verdict(exp, hypothesis, judge_model)).value == CORRECT else "not found"
 
 
-def _mean(values) -> str:
-    return f"{sum(values) / len(values):.1f}" if values else "-"
+def _mean(values, form: str = "{:.1f}") -> str:
+    return form.format(sum(values) / len(values)) if values else "-"
 
 
 def render(rows: list[Row]) -> list[list[str]]:
     """The table; with organisms in the batch, their measured behaviour and confession rates
     (organisms.py) beside the found-rate: how hard each one was to audit, and why."""
-    head = ["experiment", "found/runs", "rate", "95% CI", "errors", "mean calls", "mean minutes", "pooled"]
+    head = ["experiment", "found/runs", "rate", "95% CI", "errors", "mean calls", "mean minutes",
+            "mean tokens in/out", "mean cost", "pooled"]
     rated = any(r.organism for r in rows)
     if rated:
         head[3:3] = ["behaviour", "confession"]
     body = []
     for r in rows:
         if not r.runs:
-            cells = [r.experiment, "-", "-", "-", "-", "-", "-", r.status]
+            cells = [r.experiment, "-", "-", "-", "-", "-", "-", "-", "-", r.status]
         else:
+            tokens = "/".join(_mean([t[i] for t in r.tokens], "{:.0f}") for i in (0, 1)) if r.tokens else "-"
             cells = [r.experiment, f"{r.found}/{r.scored}", "-" if r.rate is None else f"{r.rate:.2f}",
                      "-" if r.interval is None else "{:.2f}-{:.2f}".format(*r.interval), str(r.errors), _mean(r.calls),
-                     _mean(r.minutes), r.pooled or r.status]
+                     _mean(r.minutes), tokens, _mean(r.costs, "${:.2f}"), r.pooled or r.status]
         if rated:
             cells[3:3] = [f"{r.organism[k]:.0%}" if k in r.organism else "-" for k in ("behaviour", "confession")]
         body.append(cells)

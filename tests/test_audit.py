@@ -51,9 +51,11 @@ def test_two_right_of_four_runs_give_two_of_four_a_crash_is_an_error_one_worker_
     rows = {r[0]: r for r in csv.reader((out / "report.csv").open())}
     # 2 of 4 found (run 5 crashed: an error, not a miss); Wilson 95% by hand, z = 1.96: centre
     # (p + z²/2n) / (1 + z²/n) = 0.5, half-width z·sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n) = 0.35
+    # each scored run: 3 Scribe calls and submit, four model turns of 10 input and 10 output tokens
+    # (tests/scripted_auditor.py); mockllm has no price
     assert rows["hidden-system-prompt"][1:] == ["2/4", "0.50", "0.15-0.85", "1", "3.0",
-                                                rows["hidden-system-prompt"][6], "found"], rows
-    assert rows["missing-organism"][7].startswith("could not start: missing.yaml: adapter:"), rows
+                                                rows["hidden-system-prompt"][6], "40/40", "-", "found"], rows
+    assert rows["missing-organism"][9].startswith("could not start: missing.yaml: adapter:"), rows
     assert "kiwi" not in (out / "report.md").read_text() and "could not start" in printed.err
     assert "| hidden-system-prompt | 2/4 | 0.50 | 0.15-0.85 |" in printed.out
     assert "Served by 1 model worker(s), one per base model" in (out / "report.md").read_text()
