@@ -833,6 +833,99 @@ class _Snapshot:
 _MISSING = object()
 
 
+class _Names:
+    """A namespace's names as they were at load (torch's functions, Tensor's methods, each
+    technique module's globals): a name a call rebinds is put back, one it adds goes (a module
+    imported meanwhile stays), and with `values` the module-level dicts, lists and sets are compared
+    by value too. `check()` says what it put back. A C-level dict comparison when nothing changed."""
+
+    def __init__(self, owner, label: str, values: bool = False):
+        import copy
+
+        self.owner, self.label, self._copy = owner, label, copy.deepcopy if values else None
+        self.saved = dict(vars(owner))
+        self.frozen = {k: self._copy(v) for k, v in self.saved.items()  # not __builtins__ (builtins' own guard)
+                       if isinstance(v, (dict, list, set)) and not k.startswith("__")} if values else {}
+        # defaults of its functions and of what they wrap (a batchable technique's steps)
+        functions = [(k, f) for k, v in self.saved.items() if values and inspect.isfunction(v)
+                     for f in (v, getattr(v, "__wrapped__", None)) if inspect.isfunction(f)]
+        self.defaults = {(k, f): (f.__defaults__, f.__kwdefaults__) for k, f in functions}
+
+    def check(self) -> list[str]:
+        now = vars(self.owner)
+        if now == self.saved and all(self.saved[k] == v for k, v in self.frozen.items()) and all(
+                (f.__defaults__, f.__kwdefaults__) == d for (_, f), d in self.defaults.items()):
+            return []
+        changed = []
+        for key, value in self.saved.items():
+            if now.get(key, _MISSING) is not value:
+                setattr(self.owner, key, value)
+                changed.append(key)
+            elif key in self.frozen and value != self.frozen[key]:
+                value.clear()
+                value.update(self._copy(self.frozen[key])) if isinstance(value, (dict, set)) \
+                    else value.extend(self._copy(self.frozen[key]))
+                changed.append(key)
+
+        for (key, fn), saved in self.defaults.items():
+            if (fn.__defaults__, fn.__kwdefaults__) != saved:
+                fn.__defaults__, fn.__kwdefaults__ = saved
+                changed.append(f"{key}'s defaults")
+        for key in [k for k in now if k not in self.saved]:
+            if inspect.ismodule(now[k := key]):
+                self.saved[k] = now[k]  # a submodule imported meanwhile: part of the namespace from now on
+            else:
+                delattr(self.owner, key)
+                changed.append(key)
+        return [f"{self.label}.{key}" for key in changed]
+
+
+def _guarded_names() -> list[_Names]:
+    """What every later call relies on and a call could rebind: torch's functions, Tensor's and
+    Module's methods, torch.nn.functional, and the techniques' modules (their globals, defaults
+    and containers: a rebound batching layer would read other sessions' prompts)."""
+    import torch
+
+    names = [_Names(torch, "torch"), _Names(torch.Tensor, "torch.Tensor"), _Names(torch.nn.Module, "torch.nn.Module"),
+             _Names(torch.nn.functional, "torch.nn.functional")]
+    return names + [_Names(m, name, values=True) for name, m in sorted(sys.modules.items())
+                    if name == "techniques" or name.startswith("techniques.")]
+
+
+def _check_modules(saved: dict) -> list[str]:
+    """sys.modules as at load: an entry a call replaced is put back; one it added without being
+    imported from a file (a module object planted by hand) goes. Imports made meanwhile stay."""
+    if sys.modules == saved:  # identity first, in C: the usual case costs microseconds
+        return []
+    changed = []
+    for name in [n for n, m in list(sys.modules.items()) if saved.get(n, _MISSING) is not m]:
+        if name in saved:
+            sys.modules[name] = saved[name]
+            changed.append(f"sys.modules[{name!r}]")
+        elif getattr(sys.modules[name], "__spec__", None) is None and getattr(sys.modules[name], "__file__", None) is None:
+            del sys.modules[name]
+            changed.append(f"sys.modules[{name!r}]")
+        else:
+            saved[name] = sys.modules[name]
+    return changed
+
+
+def _fresh_rng() -> None:
+    """Every call starts from a random state of its own: a seed a call sets never reaches the next
+    call, whoever makes it (a call that wants reproducible samples seeds inside itself)."""
+    import random
+
+    import torch
+
+    seed = int.from_bytes(os.urandom(8), "little")
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+    random.seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
+
+
 def _fingerprint(tensor) -> tuple:
     """Three float64 reductions of a tensor's values (no copy): equal after an edit only if it was
     undone, for all but a deliberately crafted change."""
@@ -871,6 +964,10 @@ class Executor:
             self._settings.append(_Snapshot(self._raw.generation_config))
         self._scan()
         self.weights_changed = False  # a call edited weights in place (they cannot be put back)
+        import techniques  # noqa: F401 - its modules are guarded from the first call on
+
+        self._names = _guarded_names()
+        self._modules_at_load = dict(sys.modules)
 
     def _scan(self) -> None:
         """The modules, hook tables and weights a call must leave as they are: at load, and again
@@ -953,6 +1050,16 @@ class Executor:
         if any(m.training for m in self._modules):  # eval() itself walks and sets ~400 modules
             self._raw.eval()
 
+    def _check_state(self) -> None:
+        """After a call: put back what it rebound in torch, the techniques and sys.modules, say so in
+        its output, and give the next call a fresh RNG state."""
+        changed = [c for names in self._names for c in names.check()] + _check_modules(self._modules_at_load)
+        if changed:
+            shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+            print(f"[scribe] this call changed {shown}: put back as they were at load, so no later call sees it",
+                  file=sys.stderr)
+        _fresh_rng()
+
     def _check_weights(self) -> None:
         """Say so in the call's output when it edited weights in place, and whether it put them back
         as they were (their fingerprints at load): edits left in place cannot be undone here, and
@@ -1034,6 +1141,7 @@ class Executor:
                         value = fn(self.model, self.tokenizer, *args, **kwargs)
                 finally:
                     self._check_weights()
+                    self._check_state()
                 reply = self._reply(True, value, start, secrets)
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             reply = self._reply(False, exc, start, secrets)
@@ -1110,6 +1218,7 @@ class Executor:
                 run.join(*first)
                 run.run()
                 self._check_weights()
+                self._check_state()
         finally:
             self.stepping = None
             self._restore()

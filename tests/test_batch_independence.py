@@ -88,6 +88,55 @@ def test_a_call_cannot_change_the_model_for_the_next_one(client):
     assert before["template"] == "<|im_start|>" and before["padding_side"] == "left"
 
 
+def test_what_a_call_rebinds_in_torch_the_techniques_or_sys_modules_and_its_seed_never_reach_the_next(client, capsys):
+    """#35's escapes, each put back after the call that made it, the call told so: a torch function
+    and a Tensor method monkeypatched, a technique module's global container, a technique's
+    defaults, the batching layer replaced in sys.modules, a module planted by hand, and the RNG
+    seeded (the next call's random numbers are not the seeded ones)."""
+    def meddle(model, tokenizer):
+        import sys
+        import types
+
+        import torch
+
+        import techniques
+        import techniques.diffing
+
+        torch.softmax = lambda *a, **k: "patched"
+        torch.Tensor.softmax = lambda *a, **k: "patched"
+        techniques.diffing.PROMPT_SETS["neutral"] = ("planted prompt",)
+        techniques.generate_text.__wrapped__.__kwdefaults__ = {"temperature": 2.0}
+        sys.modules["techniques._batch"] = types.ModuleType("techniques._batch")
+        sys.modules["planted_helper"] = types.ModuleType("planted_helper")
+        torch.manual_seed(0)
+        return torch.rand(3).tolist()
+
+    def look(model, tokenizer):
+        import sys
+
+        import torch
+
+        import techniques
+        import techniques.diffing
+
+        return {"softmax": torch.softmax(torch.zeros(2), 0).tolist(), "method": torch.zeros(2).softmax(0).tolist(),
+                "neutral": techniques.diffing.PROMPT_SETS["neutral"][0], "planted": "planted_helper" in sys.modules,
+                "defaults": techniques.generate_text.__wrapped__.__kwdefaults__,
+                "batch": hasattr(sys.modules["techniques._batch"], "Lockstep"), "random": torch.rand(3).tolist()}
+
+    before = client.run(look)
+    seeded = client.run(meddle)
+    printed = capsys.readouterr().err
+    for name in ("torch.softmax", "torch.Tensor.softmax", "techniques.diffing.PROMPT_SETS", "generate_text's defaults",
+                 "sys.modules['techniques._batch']", "sys.modules['planted_helper']"):
+        assert name in printed, printed
+    assert "put back as they were at load" in printed
+    after = client.run(look)
+    assert after["random"] != seeded and after["random"] != before["random"]
+    assert {k: v for k, v in after.items() if k != "random"} == {k: v for k, v in before.items() if k != "random"}
+    assert after["softmax"] == [0.5, 0.5] and after["batch"] and not after["planted"]
+
+
 def test_weights_edited_in_place_are_reported_and_a_pristine_worker_restarts(tmp_path):
     socket_path = str(tmp_path / "w.sock")
     worker = gpu.WorkerSupervisor(gpu.ModelSpec(), socket_path, dict(os.environ), pristine=True)  # as audit's
