@@ -980,6 +980,9 @@ class Executor:
         self._baseline = [set(hooks) for hooks, _ in self._tables]
         self._tensors = [*self._raw.parameters(), *self._raw.buffers()]
         self._versions = [t._version for t in self._tensors]
+        # what a call can replace without writing into a tensor: storage (model.to(bfloat16)), the
+        # embeddings (resize_token_embeddings) and the vocabulary (tokenizer.add_tokens)
+        self._layout = self._weights_layout()
         self._prints: list | None = None  # fingerprints of the weights as loaded: fingerprint(), before a call
         self._scanned = self.organisms.changes
 
@@ -1050,6 +1053,14 @@ class Executor:
         if any(m.training for m in self._modules):  # eval() itself walks and sets ~400 modules
             self._raw.eval()
 
+    def _weights_layout(self) -> tuple:
+        """Cheap enough for every call: every 8th tensor's storage (a whole-model .to() moves them all;
+        a crafted swap of one layer's .data can slip through, as with _fingerprint), the vocabulary's
+        size and the embedding modules."""
+        hf = self._raw
+        return ([t.data_ptr() for t in self._tensors[::8]], len(self.tokenizer), id(hf.get_input_embeddings()),
+                id(hf.get_output_embeddings()))
+
     def _check_state(self) -> None:
         """After a call: put back what it rebound in torch, the techniques and sys.modules, say so in
         its output, and give the next call a fresh RNG state."""
@@ -1064,6 +1075,13 @@ class Executor:
         """Say so in the call's output when it edited weights in place, and whether it put them back
         as they were (their fingerprints at load): edits left in place cannot be undone here, and
         every later call of every session sees them (`weights_changed`)."""
+        if (layout := self._weights_layout()) != self._layout:
+            self._layout, self.weights_changed = layout, True  # said once
+            print("[scribe] this call replaced the model's weights, embeddings or vocabulary (model.to(dtype), "
+                  "resize_token_embeddings, tokenizer.add_tokens): they cannot be put back here, so every later call, "
+                  "in every session, sees the change until the model worker restarts (a worker that an audit's runs "
+                  "share restarts after this call)", file=sys.stderr)
+            return
         versions = [t._version for t in self._tensors]
         if versions == self._versions:
             return

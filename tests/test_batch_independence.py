@@ -177,6 +177,23 @@ def test_weights_edited_in_place_are_reported_and_a_pristine_worker_restarts(tmp
         assert run(edit) == pytest.approx(2 * original)
         assert "changed 1 of the model's weight tensors in place and left them modified" in "".join(out)
         assert run(read_norm) == pytest.approx(original) and client.worker_pid != pid  # a fresh worker: as loaded
+
+        def to_bf16(model, tokenizer):
+            import torch
+            model._module.to(torch.bfloat16)
+
+        def add_token(model, tokenizer):
+            tokenizer.add_tokens(["<planted>"])
+
+        def layout(model, tokenizer):
+            return str(next(model._module.parameters()).dtype), len(tokenizer)
+
+        loaded = run(layout)
+        for replace_ in (to_bf16, add_token):  # nothing written into a tensor: caught all the same
+            pid, out[:] = client.worker_pid, []
+            run(replace_)
+            assert "this call replaced the model's weights, embeddings or vocabulary" in "".join(out)
+            assert run(layout) == loaded and client.worker_pid != pid
     finally:
         worker.stop()
 
