@@ -100,7 +100,7 @@ def adapter_directions(model, tokenizer, directions: int = 2, top_k: int = 20,
     hf = raw(model)
     unembed = hf.get_output_embeddings().weight.detach().float()
     norm = getattr(getattr(hf, "model", None), "norm", None) or getattr(getattr(hf, "transformer", None), "ln_f", None)
-    gain = norm.weight.detach().float() if norm is not None else torch.ones(unembed.shape[1])
+    gain = norm.weight.detach().float() if norm is not None else torch.ones(unembed.shape[1], device=unembed.device)
     counts: dict[int, int] = {}
     layers, readings = [], 0
     with torch.no_grad():
