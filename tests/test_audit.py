@@ -143,7 +143,7 @@ def test_ctrl_c_stops_the_runs_keeps_every_notebook_and_prints_the_partial_table
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr[-3000:]
     assert "interrupted: the runs stopped; every notebook is kept" in stderr
-    assert "| hidden-system-prompt | - | - | - | - | - | - | 2 run(s) interrupted |" in stdout, stdout[-2000:]
+    assert "| hidden-system-prompt | - | - | - | - | - | - | - | - | 2 run(s) interrupted |" in stdout, stdout[-2000:]
     deadline = time.monotonic() + 120  # the runs' servers save and stop as their client goes away
     while subprocess.run(["pgrep", "-f", str(out)], capture_output=True).stdout and time.monotonic() < deadline:
         time.sleep(0.5)
