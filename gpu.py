@@ -866,7 +866,6 @@ class _Names:
                 value.update(self._copy(self.frozen[key])) if isinstance(value, (dict, set)) \
                     else value.extend(self._copy(self.frozen[key]))
                 changed.append(key)
-
         for (key, fn), saved in self.defaults.items():
             if (fn.__defaults__, fn.__kwdefaults__) != saved:
                 fn.__defaults__, fn.__kwdefaults__ = saved
@@ -1318,6 +1317,41 @@ def describe_exception(exc: BaseException) -> dict:
 _HEADER = struct.Struct("!Q")
 
 
+def _listen(socket_path: str) -> socket.socket:
+    """A Unix socket at socket_path that only this user can connect to (a stale one from a killed
+    process is replaced)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    old_umask = os.umask(0o177)
+    try:
+        server.bind(socket_path)
+    finally:
+        os.umask(old_umask)
+    server.listen(64)
+    return server
+
+
+def _serve_connections(server: socket.socket, read: Callable[[_Conn], None]) -> None:
+    """Each client connection read by `read` in a thread of its own, for ever."""
+    while True:
+        sock, _ = server.accept()
+        threading.Thread(target=read, args=(_Conn(sock),), daemon=True).start()
+
+
+def _exit_with_owner(owner_pid: int, socket_path: str) -> None:
+    """Exit once owner_pid has, taking the socket and our runtime folder (scribe-PID-...) along:
+    they would outlive an owner killed with -9."""
+    while pid_alive(owner_pid):
+        time.sleep(0.5)
+    folder = os.path.dirname(socket_path)
+    if os.path.basename(folder).startswith("scribe-"):
+        shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.unlink(socket_path)
+    os._exit(0)
+
+
 def write_json(path: str, value: Any) -> None:
     """Replace a file beside the worker's socket at once: its readers never see half of it."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -1414,7 +1448,7 @@ class Worker:
     def serve(self) -> None:
         signal.signal(signal.SIGINT, self._on_interrupt)
         signal.signal(signal.SIGTERM, lambda *_: self._exit(0))
-        threading.Thread(target=self._watch_owner, daemon=True).start()
+        threading.Thread(target=_exit_with_owner, args=(self.owner_pid, self.socket_path), daemon=True).start()
         t0 = time.perf_counter()
         self.executor = load_executor(self.spec)
         self.executor.stop_wanted = self._stop_wanted
@@ -1422,16 +1456,8 @@ class Worker:
             self.executor.bind(bound["adapter"], bound["alias"], token)
         steps = ", ".join(f"{k} {v:.2f}s" for k, v in self.executor.timings.items())
         print(f"[scribe worker] model loaded in {time.perf_counter() - t0:.1f}s ({steps})", file=sys.stderr, flush=True)
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
-        old_umask = os.umask(0o177)
-        try:
-            server.bind(self.socket_path)
-        finally:
-            os.umask(old_umask)
-        server.listen(64)
-        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+        server = _listen(self.socket_path)
+        threading.Thread(target=_serve_connections, args=(server, self._read), daemon=True).start()
         measured = False
         while True:
             with self.ready:
@@ -1549,11 +1575,6 @@ class Worker:
             reply = {**reply, "message": call.why}
         call.conn.send({"op": "result", "id": call.id, **reply})
 
-    def _accept(self, server: socket.socket) -> None:
-        while True:
-            sock, _ = server.accept()
-            threading.Thread(target=self._read, args=(_Conn(sock),), daemon=True).start()
-
     def _read(self, conn: _Conn) -> None:
         conn.send({"op": "hello", "pid": os.getpid(), "model": self.spec.display_name})
         try:
@@ -1625,16 +1646,6 @@ class Worker:
             print("[scribe worker] a cancelled call did not stop: exiting so a fresh worker takes over",
                   file=sys.stderr, flush=True)
             self._exit(75)
-
-    def _watch_owner(self) -> None:
-        while True:
-            time.sleep(0.5)
-            if not pid_alive(self.owner_pid):
-                # Our runtime folder (scribe-PID-...) outlived its owner, e.g. after kill -9.
-                folder = os.path.dirname(self.socket_path)
-                if os.path.basename(folder).startswith("scribe-"):
-                    shutil.rmtree(folder, ignore_errors=True)
-                self._exit(0)
 
     def _exit(self, code: int) -> None:
         with contextlib.suppress(OSError):
@@ -1960,6 +1971,7 @@ class _ContainerWorker:
         connect_worker(None, self.socket_path, os.getpid()).close()  # serving before the first input
         self.tokens: dict[tuple[str, str], str] = {}
         self._binding = threading.Lock()
+        self.profile: dict | None = None
 
     def call(self, payload: bytes, timeout: float, organism: str, alias: str, who: str) -> dict:
         output: list[tuple[str, str]] = []
@@ -1972,10 +1984,10 @@ class _ContainerWorker:
             reply = backend.call(payload, timeout, lambda stream, text: output.append((stream, text)))
         finally:
             backend.close()
-        profile = None  # what the container's worker measured at load: a relay shows it to its sessions
-        with contextlib.suppress(OSError, ValueError), open(self.socket_path + ".profile.json") as f:
-            profile = json.load(f)
-        return {**{k: v for k, v in reply.items() if k not in ("op", "id")}, "output": output, "profile": profile,
+        if self.profile is None:  # what the container's worker measured at load: a relay shows it to its sessions
+            with contextlib.suppress(OSError, ValueError), open(self.socket_path + ".profile.json") as f:
+                self.profile = json.load(f)
+        return {**{k: v for k, v in reply.items() if k not in ("op", "id")}, "output": output, "profile": self.profile,
                 "container": os.environ.get("MODAL_TASK_ID") or f"local-{os.getpid()}"}
 
     def _token(self, organism: str, alias: str) -> str:
@@ -2136,28 +2148,14 @@ class Relay:
             self.bindings = {token: tuple(binding) for token, binding in json.load(f).items()}
         self.containers: set[str] = set()
         self._lock = threading.Lock()
+        self._profiled = False
 
     def serve(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-        threading.Thread(target=self._watch_owner, daemon=True).start()
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            server.bind(self.socket_path)
-        finally:
-            os.umask(old_umask)
-        server.listen(64)
+        threading.Thread(target=_exit_with_owner, args=(self.owner_pid, self.socket_path), daemon=True).start()
+        server = _listen(self.socket_path)
         print(f"[scribe relay] {self.backend.model_name}: serving", file=sys.stderr, flush=True)
-        while True:
-            sock, _ = server.accept()
-            threading.Thread(target=self._read, args=(_Conn(sock),), daemon=True).start()
-
-    def _watch_owner(self) -> None:
-        while pid_alive(self.owner_pid):
-            time.sleep(1)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
-        os._exit(0)
+        _serve_connections(server, self._read)
 
     def _read(self, conn: _Conn) -> None:
         conn.send({"op": "hello", "pid": os.getpid(), "model": self.spec.display_name})
@@ -2212,9 +2210,10 @@ class Relay:
 
     def _call(self, conn: _Conn, msg: dict, cancelled: threading.Event) -> None:
         conn.send({"op": "started", "id": msg["id"]})
+        token = msg.get("organism") or ""
         with self._lock:
-            binding = self.bindings.get(msg.get("organism") or "", ("", ""))
-        if msg.get("organism") and msg["organism"] not in self.bindings:
+            binding = self.bindings.get(token, None if token else ("", ""))
+        if binding is None:
             reply = {"ok": False, "type": "RuntimeError", "traceback": "",
                      "message": "this session's organism is not bound here (its server closed)"}
         else:
@@ -2225,7 +2224,8 @@ class Relay:
             except Exception as exc:  # noqa: BLE001 - Modal unreachable or the call timed out there
                 reply = describe_exception(exc)
         profile = reply.pop("profile", None)
-        if profile and not os.path.exists(self.socket_path + ".profile.json"):
+        if profile and not self._profiled:
+            self._profiled = True
             write_json(self.socket_path + ".profile.json", profile)
         if reply.get("container"):
             with self._lock:

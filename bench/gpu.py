@@ -387,34 +387,41 @@ def concurrency(model_dir: Path, device: str, dtype: str, ks: list[int], calls: 
         base_rate = None
         for k in ks:
             backends = [gpu.LocalBackend(spec, socket_path, os.getpid(), who=f"session {i}") for i in range(k)]
-            for b in backends:
-                b.connect()
-            shared: list[int] = []
-
-            def session(b):
-                for _ in range(calls):
-                    reply = b.call(payload, 600, lambda *_: None)
-                    assert reply["ok"], reply
-                    shared.append(reply.get("shared", 1))
-
-            threads = [threading.Thread(target=session, args=(b,)) for b in backends]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            rate = k * calls / (time.perf_counter() - start)
+            rate, shared = at_once(backends, payload, calls, "shared")
             base_rate = base_rate or rate
             target = {4: ">= 3x K=1", 16: ">= 8x K=1"}.get(k, "")
             ok = None if not target or device == "cpu" else rate >= (3 if k == 4 else 8) * base_rate
             row("sessions sharing one worker", f"K={k} concurrent generate_text (64 tokens): calls/s "
                 f"(mean batch {statistics.mean(shared):.1f})", rate, "/s", target=target, ok=ok)
-            for b in backends:
-                b.close()
         zoo(model_dir, spec, socket_path, payload, calls, base_rate, device, work, max(ks), max(2, max(ks) // 2))
     finally:
         proc.kill()
         proc.wait()
+
+
+def at_once(backends: list, payload: bytes, calls: int, field: str) -> tuple[float, list[int]]:
+    """Every backend (a session) makes `calls` calls, all sessions at once: aggregate calls/s, and
+    each reply's `field` (how many calls, or models, shared its pass)."""
+    for b in backends:
+        b.connect()
+    seen: list[int] = []
+
+    def session(b):
+        for _ in range(calls):
+            reply = b.call(payload, 600, lambda *_: None)
+            assert reply["ok"], reply
+            seen.append(reply.get(field, 1))
+
+    threads = [threading.Thread(target=session, args=(b,)) for b in backends]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rate = len(backends) * calls / (time.perf_counter() - start)
+    for b in backends:
+        b.close()
+    return rate, seen
 
 
 def zoo(model_dir: Path, spec, socket_path: str, payload: bytes, calls: int, base_rate: float, device: str,
@@ -425,23 +432,7 @@ def zoo(model_dir: Path, spec, socket_path: str, payload: bytes, calls: int, bas
               for seed in range(2, 2 + adapters)]
     backends = [gpu.LocalBackend(spec, socket_path, os.getpid(), who=f"session {i}", organism=tokens[i % adapters])
                 for i in range(k)]
-    models: list[int] = []
-
-    def session(b):
-        for _ in range(calls):
-            reply = b.call(payload, 600, lambda *_: None)
-            assert reply["ok"], reply
-            models.append(reply.get("models", 1))
-
-    threads = [threading.Thread(target=session, args=(b,)) for b in backends]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    rate = k * calls / (time.perf_counter() - start)
-    for b in backends:
-        b.close()
+    rate, models = at_once(backends, payload, calls, "models")
     row("sessions sharing one worker", f"K={k} sessions across {adapters} adapters, generate_text (64 tokens): "
         f"calls/s (mean organisms per pass {statistics.mean(models):.1f})", rate, "/s",
         target=">= 6x K=1" if k == 16 else "", ok=None if device == "cpu" or k != 16 else rate >= 6 * base_rate)

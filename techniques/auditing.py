@@ -53,10 +53,11 @@ def sample_rates(model, tokenizer, prompts, pattern: str, samples: int = 32, tem
     rates = []
     for i, prompt in enumerate(asked):
         mine = answers[i * samples:(i + 1) * samples]
-        hits = [a for a in mine if regex.search(a)]
+        hits, misses = [], []
+        for answer in mine:
+            (hits if regex.search(answer) else misses).append(answer)
         rates.append({"prompt": prompt, "matches": len(hits), "samples": samples, "rate": len(hits) / samples,
-                      "ci95": wilson(len(hits), samples), "matching": hits[:3],
-                      "other": [a for a in mine if not regex.search(a)][:3]})
+                      "ci95": wilson(len(hits), samples), "matching": hits[:3], "other": misses[:3]})
     return {"pattern": pattern, "samples": samples, "temperature": temperature, "rates": rates}
 
 
@@ -111,8 +112,8 @@ def adapter_directions(model, tokenizer, directions: int = 2, top_k: int = 20,
             q, r = torch.linalg.qr(module.lora_B[name].weight.detach().float().cpu())
             small, s, _ = torch.linalg.svd(r @ module.lora_A[name].weight.detach().float().cpu() * module.scaling[name],
                                            full_matrices=False)
-            top = (q @ small)[:, :directions]
-            logits = unembed.cpu() @ (top * gain.cpu()[:, None])  # [vocab, directions]
+            top = (q @ small)[:, :directions].to(unembed.device)
+            logits = unembed @ (top * gain[:, None])  # [vocab, directions], where the unembedding lives
             read = []
             for i in range(top.shape[1]):
                 pos, neg = logits[:, i].topk(top_k).indices.tolist(), (-logits[:, i]).topk(top_k).indices.tolist()
